@@ -1,0 +1,9 @@
+"""The fused ops, as Python functions with autograd and torch.compile support.
+
+Each area has one module: ``moe`` (grouped GEMM, routing, the GPT-OSS expert block),
+``attention`` (packed varlen and paged attention), ``reshard`` (fused multi-tensor copy).
+"""
+
+from .moe import Routing, grouped_gemm, moe_experts, moe_route
+
+__all__ = ["Routing", "grouped_gemm", "moe_route", "moe_experts"]

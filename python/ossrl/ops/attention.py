@@ -1,0 +1,1 @@
+"""Packed variable-length attention (sliding windows, GQA, sinks) and paged decoding."""

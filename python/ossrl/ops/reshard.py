@@ -1,0 +1,1 @@
+"""Fused multi-tensor copy for weight resharding."""
