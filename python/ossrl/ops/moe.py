@@ -106,7 +106,9 @@ def _(x, dy, offsets, bias_grad):
 def _(router_logits, top_k):
     t, e = router_logits.shape
     torch._check(0 < top_k <= e, lambda: f"ossrl.moe_route: top_k must be in [1, {e}], got {top_k}")
-    weights = router_logits.new_empty(t, top_k, dtype=torch.float32)
+    # float64 logits are routed in float64 (gradcheck); everything else gives float32 weights.
+    wdtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
+    weights = router_logits.new_empty(t, top_k, dtype=wdtype)
     experts = router_logits.new_empty(t, top_k, dtype=torch.int32)
     order = router_logits.new_empty(t * top_k, dtype=torch.int32)
     offsets = router_logits.new_empty(e, dtype=torch.int32)

@@ -1,0 +1,461 @@
+// CPU kernels for grouped GEMM, top-k routing and the fused GPT-OSS expert block.
+//
+// The matrix products go to ATen's BLAS (mm_out/addmm_out on each expert's rows): nothing
+// hand-written beats the vendor BLAS here. What is ours is everything around them: routing, the
+// gather of routed rows, bias and the clamped SwiGLU, the weighted combine and the backward,
+// done in C++ over (expert, row block) work items in parallel, with no Python call per expert.
+//
+// bf16/fp16 inputs are widened to fp32 once per call and accumulated in fp32; float64 inputs
+// are computed in float64 throughout so gradcheck and float64 references work.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "ossrl/check.h"
+
+namespace ossrl {
+namespace {
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A slice [begin, end) of the rows owned by one expert: the unit of parallel work.
+struct RowBlock {
+  int64_t expert, begin, end;
+};
+
+// Splits each expert's rows into blocks small enough to balance the threads and large enough
+// to keep BLAS efficient.
+std::vector<RowBlock> row_blocks(const int32_t* offsets, int64_t num_experts) {
+  const int64_t rows = num_experts ? offsets[num_experts - 1] : 0;
+  const int64_t threads = at::get_num_threads();
+  const int64_t block = std::clamp<int64_t>((rows + 4 * threads - 1) / (4 * threads), 16, 256);
+  std::vector<RowBlock> blocks;
+  int64_t start = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    for (int64_t s = start; s < offsets[e]; s += block)
+      blocks.push_back({e, s, std::min<int64_t>(s + block, offsets[e])});
+    start = offsets[e];
+  }
+  return blocks;
+}
+
+template <typename F>
+void parallel_blocks(const std::vector<RowBlock>& blocks, const F& fn) {
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fn(blocks[b]);
+  });
+}
+
+void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  OSSRL_CHECK(t.device().is_cpu(), op, name, " must be a CPU tensor for the CPU kernel, got ",
+              t.device());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped GEMM
+
+void check_grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
+                        const std::optional<at::Tensor>& bias, const char* op) {
+  check_dim(x, 2, op, "x");
+  check_dim(w, 3, op, "w");
+  check_float(x, op, "x");
+  check_same_dtype(w, x, op, "w", "x");
+  check_same_device(w, x, op, "w", "x");
+  check_same_device(offsets, x, op, "offsets", "x");
+  OSSRL_CHECK(w.size(1) == x.size(1), op, "w.shape[1] (", w.size(1),
+              ") must equal x.shape[1] (", x.size(1), "): w is (E, K, N) and x is (T, K)");
+  check_offsets(offsets, w.size(0), x.size(0), op);
+  if (bias) {
+    check_dim(*bias, 2, op, "bias");
+    check_same_dtype(*bias, x, op, "bias", "x");
+    check_same_device(*bias, x, op, "bias", "x");
+    OSSRL_CHECK(bias->size(0) == w.size(0) && bias->size(1) == w.size(2), op,
+                "bias must be (E, N) = (", w.size(0), ", ", w.size(2), "), got ", bias->sizes());
+  }
+}
+
+at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
+                            const std::optional<at::Tensor>& bias) {
+  const char* op = "grouped_gemm";
+  check_cpu(x, op, "x");
+  check_grouped_gemm(x, w, offsets, bias, op);
+  const auto acc = acc_type(x.scalar_type());
+  const at::Tensor xa = x.to(acc), wa = w.to(acc);
+  const at::Tensor ba = bias ? bias->to(acc) : at::Tensor();
+  at::Tensor out = at::zeros({x.size(0), w.size(2)}, x.options().dtype(acc));
+  const at::Tensor off = offsets.contiguous();
+  parallel_blocks(row_blocks(off.data_ptr<int32_t>(), w.size(0)), [&](const RowBlock& b) {
+    at::Tensor o = out.narrow(0, b.begin, b.end - b.begin);
+    at::Tensor xb = xa.narrow(0, b.begin, b.end - b.begin);
+    if (ba.defined())
+      at::addmm_out(o, ba[b.expert], xb, wa[b.expert]);
+    else
+      at::mm_out(o, xb, wa[b.expert]);
+  });
+  return out.to(x.scalar_type());
+}
+
+// dw[e] = x_e^T dy_e and db[e] = sum of dy_e over the rows of expert e (already in the
+// accumulation dtype). Shared by grouped_gemm's backward and moe_experts' backward.
+void grouped_dw_acc(const at::Tensor& xa, const at::Tensor& dya, const int32_t* offsets,
+                    int64_t num_experts, at::Tensor& dw, at::Tensor* db) {
+  at::parallel_for(0, num_experts, 1, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t begin = e ? offsets[e - 1] : 0, rows = offsets[e] - begin;
+      at::Tensor dwe = dw[e];
+      if (rows == 0) {
+        dwe.zero_();
+        if (db) (*db)[e].zero_();
+        continue;
+      }
+      at::mm_out(dwe, xa.narrow(0, begin, rows).t(), dya.narrow(0, begin, rows));
+      if (db) {
+        at::Tensor dbe = (*db)[e];
+        at::sum_out(dbe, dya.narrow(0, begin, rows), {0});
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_gemm_dw_cpu(const at::Tensor& x, const at::Tensor& dy,
+                                                       const at::Tensor& offsets, bool bias_grad) {
+  const char* op = "grouped_gemm_dw";
+  check_cpu(x, op, "x");
+  check_dim(x, 2, op, "x");
+  check_dim(dy, 2, op, "dy");
+  check_float(x, op, "x");
+  check_same_dtype(dy, x, op, "dy", "x");
+  check_same_device(dy, x, op, "dy", "x");
+  check_same_device(offsets, x, op, "offsets", "x");
+  OSSRL_CHECK(dy.size(0) == x.size(0), op, "dy must have as many rows as x (", x.size(0),
+              "), got ", dy.size(0));
+  check_dim(offsets, 1, op, "offsets");
+  const int64_t num_experts = offsets.size(0);
+  check_offsets(offsets, num_experts, x.size(0), op);
+  const auto acc = acc_type(x.scalar_type());
+  at::Tensor dw = at::empty({num_experts, x.size(1), dy.size(1)}, x.options().dtype(acc));
+  at::Tensor db = bias_grad ? at::empty({num_experts, dy.size(1)}, x.options().dtype(acc))
+                            : at::empty({0}, x.options());
+  const at::Tensor off = offsets.contiguous();
+  grouped_dw_acc(x.to(acc), dy.to(acc), off.data_ptr<int32_t>(), num_experts, dw,
+                 bias_grad ? &db : nullptr);
+  return {dw.to(x.scalar_type()), db.to(x.scalar_type())};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing
+
+// Orders candidate experts: larger logit first, ties to the lower id, NaN above everything (as
+// torch.topk does) so the order is a strict weak ordering whatever the input.
+template <typename T>
+bool ranks_before(T a, int32_t ia, T b, int32_t ib) {
+  const bool na = std::isnan(static_cast<double>(a)), nb = std::isnan(static_cast<double>(b));
+  if (na || nb) return na && (!nb || ia < ib);
+  if (a != b) return a > b;
+  return ia < ib;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cpu(
+    const at::Tensor& router_logits, int64_t top_k) {
+  const char* op = "moe_route";
+  check_cpu(router_logits, op, "router_logits");
+  check_dim(router_logits, 2, op, "router_logits");
+  check_float(router_logits, op, "router_logits");
+  const int64_t T = router_logits.size(0), E = router_logits.size(1);
+  OSSRL_CHECK_VALUE(E > 0, op, "router_logits must have at least one expert column");
+  OSSRL_CHECK_VALUE(top_k >= 1 && top_k <= E, op, "top_k must be in [1, E=", E, "], got ",
+                    top_k);
+  const auto acc = acc_type(router_logits.scalar_type());
+  const at::Tensor logits = router_logits.contiguous();
+  at::Tensor weights = at::empty({T, top_k}, logits.options().dtype(acc));
+  at::Tensor experts = at::empty({T, top_k}, logits.options().dtype(at::kInt));
+  int32_t* ex = experts.data_ptr<int32_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "moe_route", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* lg = logits.data_ptr<scalar_t>();
+    acc_t* wt = weights.data_ptr<acc_t>();
+    at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
+      std::vector<int32_t> idx(E);
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* row = lg + t * E;
+        std::iota(idx.begin(), idx.end(), 0);
+        std::partial_sort(idx.begin(), idx.begin() + top_k, idx.end(), [&](int32_t a, int32_t b) {
+          return ranks_before(row[a], a, row[b], b);
+        });
+        const acc_t top = static_cast<acc_t>(row[idx[0]]);
+        acc_t sum = 0;
+        for (int64_t j = 0; j < top_k; ++j) {
+          const acc_t p = std::exp(static_cast<acc_t>(row[idx[j]]) - top);
+          wt[t * top_k + j] = p;
+          sum += p;
+          ex[t * top_k + j] = idx[j];
+        }
+        for (int64_t j = 0; j < top_k; ++j) wt[t * top_k + j] /= sum;
+      }
+    });
+  });
+
+  // Stable counting sort of the flat (token, slot) indices by expert.
+  at::Tensor order = at::empty({T * top_k}, experts.options());
+  at::Tensor offsets = at::zeros({E}, experts.options());
+  int32_t* ord = order.data_ptr<int32_t>();
+  int32_t* off = offsets.data_ptr<int32_t>();
+  for (int64_t f = 0; f < T * top_k; ++f) ++off[ex[f]];
+  std::vector<int64_t> next(E);
+  int64_t run = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    next[e] = run;
+    run += off[e];
+    off[e] = static_cast<int32_t>(run);
+  }
+  for (int64_t f = 0; f < T * top_k; ++f) ord[next[ex[f]]++] = static_cast<int32_t>(f);
+  return {weights, experts, order, offsets};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GPT-OSS expert block
+
+// gate = h[2i], up = h[2i+1]; a = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g) with
+// g = min(gate, limit).
+template <typename T>
+inline T swiglu(T gate, T up, T alpha, T limit, T* sig_out = nullptr) {
+  const T g = std::min(gate, limit);
+  const T u = std::clamp(up, -limit, limit);
+  const T s = T(1) / (T(1) + std::exp(-alpha * g));
+  if (sig_out) *sig_out = s;
+  return (u + T(1)) * g * s;
+}
+
+struct ExpertArgs {
+  at::Tensor order, offsets;  // contiguous
+  int64_t T, H, I, E, k, routed;
+};
+
+// Validates everything moe_experts and its backward share; returns the sizes.
+ExpertArgs check_experts(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& order,
+                         const at::Tensor& offsets, const at::Tensor& w_gate_up,
+                         const at::Tensor* b_gate_up, const at::Tensor& w_down,
+                         const at::Tensor& b_down, const char* op) {
+  check_cpu(x, op, "x");
+  check_dim(x, 2, op, "x");
+  check_float(x, op, "x");
+  check_dim(weights, 2, op, "routing.weights");
+  check_aux_dtype(weights, x, op, "routing.weights", "x");
+  check_dim(order, 1, op, "routing.order");
+  check_int32(order, op, "routing.order");
+  check_dim(w_gate_up, 3, op, "w_gate_up");
+  check_dim(w_down, 3, op, "w_down");
+  check_dim(b_down, 2, op, "b_down");
+  for (auto [t, name] : {std::pair{&w_gate_up, "w_gate_up"}, {&w_down, "w_down"},
+                         {&b_down, "b_down"}})
+    check_same_dtype(*t, x, op, name, "x");
+  for (auto [t, name] : {std::pair{&weights, "routing.weights"}, {&order, "routing.order"},
+                         {&offsets, "routing.offsets"}, {&w_gate_up, "w_gate_up"},
+                         {&w_down, "w_down"}, {&b_down, "b_down"}})
+    check_same_device(*t, x, op, name, "x");
+
+  ExpertArgs a;
+  a.T = x.size(0);
+  a.H = x.size(1);
+  a.E = w_gate_up.size(0);
+  a.k = weights.size(1);
+  OSSRL_CHECK(weights.size(0) == a.T, op, "routing.weights must be (T, k) with T = x.shape[0] = ",
+              a.T, ", got ", weights.sizes());
+  OSSRL_CHECK(order.size(0) == a.T * a.k, op, "routing.order must have T*k = ", a.T * a.k,
+              " entries, got ", order.size(0));
+  OSSRL_CHECK(w_gate_up.size(1) == a.H && w_gate_up.size(2) % 2 == 0, op,
+              "w_gate_up must be (E, H, 2I) with H = x.shape[1] = ", a.H, ", got ",
+              w_gate_up.sizes());
+  a.I = w_gate_up.size(2) / 2;
+  if (b_gate_up) {  // the backward does not need it
+    check_dim(*b_gate_up, 2, op, "b_gate_up");
+    check_same_dtype(*b_gate_up, x, op, "b_gate_up", "x");
+    check_same_device(*b_gate_up, x, op, "b_gate_up", "x");
+    OSSRL_CHECK(b_gate_up->size(0) == a.E && b_gate_up->size(1) == 2 * a.I, op,
+                "b_gate_up must be (E, 2I) = (", a.E, ", ", 2 * a.I, "), got ",
+                b_gate_up->sizes());
+  }
+  OSSRL_CHECK(w_down.size(0) == a.E && w_down.size(1) == a.I && w_down.size(2) == a.H, op,
+              "w_down must be (E, I, H) = (", a.E, ", ", a.I, ", ", a.H, "), got ",
+              w_down.sizes());
+  OSSRL_CHECK(b_down.size(0) == a.E && b_down.size(1) == a.H, op, "b_down must be (E, H) = (",
+              a.E, ", ", a.H, "), got ", b_down.sizes());
+  check_offsets(offsets, a.E, a.T * a.k, op, "routed rows (T*k)");
+  a.offsets = offsets.contiguous();
+  a.order = order.contiguous();
+  a.routed = a.E ? a.offsets.data_ptr<int32_t>()[a.E - 1] : 0;
+  const int32_t* ord = a.order.data_ptr<int32_t>();
+  for (int64_t r = 0; r < a.routed; ++r)
+    OSSRL_CHECK_VALUE(ord[r] >= 0 && ord[r] < a.T * a.k, op, "routing.order[", r, "] = ", ord[r],
+                      " is not a flat (token, slot) index in [0, T*k = ", a.T * a.k, ")");
+  return a;
+}
+
+// out[t] = sum over slots j of rows[t*k + j]: the deterministic combine of routed rows.
+template <typename acc_t>
+void combine_slots(const acc_t* rows, acc_t* out, int64_t T, int64_t k, int64_t H) {
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      acc_t* o = out + t * H;
+      std::fill(o, o + H, acc_t(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t* r = rows + (t * k + j) * H;
+        for (int64_t c = 0; c < H; ++c) o[c] += r[c];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_experts_cpu(
+    const at::Tensor& x, const at::Tensor& weights, const at::Tensor& order,
+    const at::Tensor& offsets, const at::Tensor& w_gate_up, const at::Tensor& b_gate_up,
+    const at::Tensor& w_down, const at::Tensor& b_down, double alpha, double limit) {
+  auto a = check_experts(x, weights, order, offsets, w_gate_up, &b_gate_up, w_down, b_down,
+                         "moe_experts");
+  const auto acc = acc_type(x.scalar_type());
+  const auto opts = x.options().dtype(acc);
+  const at::Tensor xa = x.to(acc), wgu = w_gate_up.to(acc), bgu = b_gate_up.to(acc);
+  const at::Tensor wd = w_down.to(acc), bd = b_down.to(acc);
+  const at::Tensor wflat = weights.to(acc).reshape({-1}).contiguous();
+  const at::Tensor tokens = at::div(a.order.to(at::kLong), a.k, "trunc");
+  at::Tensor h = at::zeros({a.T * a.k, 2 * a.I}, opts);
+  at::Tensor slots = at::zeros({a.T * a.k, a.H}, opts);  // weighted y at flat (token, slot)
+  at::Tensor out = at::empty({a.T, a.H}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "moe_experts", [&] {
+    const scalar_t al = static_cast<scalar_t>(alpha), li = static_cast<scalar_t>(limit);
+    const int32_t* ord = a.order.data_ptr<int32_t>();
+    const scalar_t* wv = wflat.data_ptr<scalar_t>();
+    scalar_t* sl = slots.data_ptr<scalar_t>();
+    parallel_blocks(row_blocks(a.offsets.data_ptr<int32_t>(), a.E), [&](const RowBlock& b) {
+      const int64_t n = b.end - b.begin, I = a.I, H = a.H;
+      at::Tensor hb = h.narrow(0, b.begin, n);
+      at::addmm_out(hb, bgu[b.expert], xa.index_select(0, tokens.narrow(0, b.begin, n)),
+                    wgu[b.expert]);
+      at::Tensor act = at::empty({n, I}, opts);
+      const scalar_t* hp = hb.data_ptr<scalar_t>();
+      scalar_t* ap = act.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n * I; ++i) ap[i] = swiglu(hp[2 * i], hp[2 * i + 1], al, li);
+      const at::Tensor y = at::addmm(bd[b.expert], act, wd[b.expert]);
+      const scalar_t* yp = y.data_ptr<scalar_t>();
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t f = ord[b.begin + r];
+        for (int64_t c = 0; c < H; ++c) sl[f * H + c] = wv[f] * yp[r * H + c];
+      }
+    });
+    combine_slots(sl, out.data_ptr<scalar_t>(), a.T, a.k, a.H);
+  });
+  return {out.to(x.scalar_type()), h.to(x.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+moe_experts_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                         const at::Tensor& weights, const at::Tensor& order,
+                         const at::Tensor& offsets, const at::Tensor& h,
+                         const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                         const at::Tensor& b_down, double alpha, double limit) {
+  const char* op = "moe_experts_backward";
+  auto a = check_experts(x, weights, order, offsets, w_gate_up, nullptr, w_down, b_down, op);
+  OSSRL_CHECK(grad_out.sizes() == x.sizes(), op, "grad_out must have the shape of x ",
+              x.sizes(), ", got ", grad_out.sizes());
+  OSSRL_CHECK(h.dim() == 2 && h.size(0) == a.T * a.k && h.size(1) == 2 * a.I, op,
+              "h must be (T*k, 2I) = (", a.T * a.k, ", ", 2 * a.I, "), got ", h.sizes());
+  const auto acc = acc_type(x.scalar_type());
+  const auto opts = x.options().dtype(acc);
+  const at::Tensor xa = x.to(acc), ga = grad_out.to(acc), ha = h.to(acc).contiguous();
+  const at::Tensor wgu = w_gate_up.to(acc), wd = w_down.to(acc), bd = b_down.to(acc);
+  const at::Tensor wflat = weights.to(acc).reshape({-1}).contiguous();
+  const at::Tensor tokens = at::div(a.order.to(at::kLong), a.k, "trunc");
+  const int64_t R = a.routed, H = a.H, I = a.I;
+
+  // Per routed row, in sorted order: gathered inputs, activations and output/hidden grads.
+  at::Tensor xs = at::empty({R, H}, opts), act = at::empty({R, I}, opts);
+  at::Tensor dy = at::empty({R, H}, opts), dh = at::empty({R, 2 * I}, opts);
+  at::Tensor dslots = at::zeros({a.T * a.k, H}, opts);  // dx contributions at flat positions
+  at::Tensor dweights = at::zeros({a.T * a.k}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "moe_experts_backward", [&] {
+    const scalar_t al = static_cast<scalar_t>(alpha), li = static_cast<scalar_t>(limit);
+    const int32_t* ord = a.order.data_ptr<int32_t>();
+    const scalar_t* wv = wflat.data_ptr<scalar_t>();
+    scalar_t* dwp = dweights.data_ptr<scalar_t>();
+    scalar_t* dsl = dslots.data_ptr<scalar_t>();
+    parallel_blocks(row_blocks(a.offsets.data_ptr<int32_t>(), a.E), [&](const RowBlock& b) {
+      const int64_t n = b.end - b.begin, e = b.expert;
+      const at::Tensor tok = tokens.narrow(0, b.begin, n);
+      at::Tensor xb = xs.narrow(0, b.begin, n);
+      at::index_select_out(xb, xa, 0, tok);
+      const at::Tensor gout = ga.index_select(0, tok);  // dL/dout of each row's token
+      const at::Tensor g = at::mm(gout, wd[e].t());     // dL/d(a) before the routing weight
+      const at::Tensor bias_dot = at::mv(gout, bd[e]);
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      const scalar_t* gop = gout.data_ptr<scalar_t>();
+      const scalar_t* bdp = bias_dot.data_ptr<scalar_t>();
+      const scalar_t* hp = ha.data_ptr<scalar_t>() + b.begin * 2 * I;
+      scalar_t* ap = act.data_ptr<scalar_t>() + b.begin * I;
+      scalar_t* dyp = dy.data_ptr<scalar_t>() + b.begin * H;
+      scalar_t* dhp = dh.data_ptr<scalar_t>() + b.begin * 2 * I;
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t f = ord[b.begin + r];
+        const scalar_t w = wv[f];
+        scalar_t dot = 0;
+        for (int64_t i = 0; i < I; ++i) {
+          const int64_t ri = r * I + i;
+          const scalar_t gate = hp[2 * ri], up = hp[2 * ri + 1];
+          scalar_t s;
+          const scalar_t act_v = swiglu(gate, up, al, li, &s);
+          ap[ri] = act_v;
+          dot += gp[ri] * act_v;
+          const scalar_t da = w * gp[ri];
+          const scalar_t gc = std::min(gate, li), uc = std::clamp(up, -li, li);
+          dhp[2 * ri] = gate <= li ? da * (uc + 1) * (s + gc * al * s * (1 - s)) : scalar_t(0);
+          dhp[2 * ri + 1] = (up >= -li && up <= li) ? da * gc * s : scalar_t(0);
+        }
+        dwp[f] = dot + bdp[r];
+        for (int64_t c = 0; c < H; ++c) dyp[r * H + c] = w * gop[r * H + c];
+      }
+      const at::Tensor dxb = at::mm(dh.narrow(0, b.begin, n), wgu[e].t());
+      const scalar_t* dxp = dxb.data_ptr<scalar_t>();
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t f = ord[b.begin + r];
+        std::copy(dxp + r * H, dxp + (r + 1) * H, dsl + f * H);
+      }
+    });
+  });
+
+  at::Tensor dx = at::empty({a.T, H}, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "moe_experts_combine", [&] {
+    combine_slots(dslots.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), a.T, a.k, H);
+  });
+  at::Tensor dwgu = at::empty({a.E, H, 2 * I}, opts), dbgu = at::empty({a.E, 2 * I}, opts);
+  at::Tensor dwd = at::empty({a.E, I, H}, opts), dbd = at::empty({a.E, H}, opts);
+  const int32_t* off = a.offsets.data_ptr<int32_t>();
+  grouped_dw_acc(xs, dh, off, a.E, dwgu, &dbgu);
+  grouped_dw_acc(act, dy, off, a.E, dwd, &dbd);
+  const auto dt = x.scalar_type();
+  return {dx.to(dt),
+          dweights.view(weights.sizes()).to(weights.scalar_type()),
+          dwgu.to(dt),
+          dbgu.to(dt),
+          dwd.to(dt),
+          dbd.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ossrl, CPU, m) {
+  m.impl("grouped_gemm", &grouped_gemm_cpu);
+  m.impl("grouped_gemm_dw", &grouped_gemm_dw_cpu);
+  m.impl("moe_route", &moe_route_cpu);
+  m.impl("moe_experts", &moe_experts_cpu);
+  m.impl("moe_experts_backward", &moe_experts_backward_cpu);
+}
+
+}  // namespace ossrl
