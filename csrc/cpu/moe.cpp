@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "ossrl/check.h"
+#include "ossrl/parallel.h"
 
 namespace ossrl {
 namespace {
@@ -47,7 +48,7 @@ std::vector<RowBlock> row_blocks(const int32_t* offsets, int64_t num_experts) {
 
 template <typename F>
 void parallel_blocks(const std::vector<RowBlock>& blocks, const F& fn) {
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+  ossrl::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) fn(blocks[b]);
   });
 }
@@ -105,7 +106,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 // accumulation dtype). Shared by grouped_gemm's backward and moe_experts' backward.
 void grouped_dw_acc(const at::Tensor& xa, const at::Tensor& dya, const int32_t* offsets,
                     int64_t num_experts, at::Tensor& dw, at::Tensor* db) {
-  at::parallel_for(0, num_experts, 1, [&](int64_t e0, int64_t e1) {
+  ossrl::parallel_for(0, num_experts, 1, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t begin = e ? offsets[e - 1] : 0, rows = offsets[e] - begin;
       at::Tensor dwe = dw[e];
@@ -181,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cpu(
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* lg = logits.data_ptr<scalar_t>();
     acc_t* wt = weights.data_ptr<acc_t>();
-    at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
+    ossrl::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
       std::vector<int32_t> idx(E);
       for (int64_t t = t0; t < t1; ++t) {
         const scalar_t* row = lg + t * E;
@@ -301,7 +302,7 @@ ExpertArgs check_experts(const at::Tensor& x, const at::Tensor& weights, const a
 // out[t] = sum over slots j of rows[t*k + j]: the deterministic combine of routed rows.
 template <typename acc_t>
 void combine_slots(const acc_t* rows, acc_t* out, int64_t T, int64_t k, int64_t H) {
-  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+  ossrl::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       acc_t* o = out + t * H;
       std::fill(o, o + H, acc_t(0));
