@@ -1,0 +1,81 @@
+"""The GRPO-family loss against hand-computed float64 values."""
+
+import math
+
+import pytest
+import torch
+
+from ossrl.train import LossConfig, group_advantages, policy_loss
+
+
+def test_group_advantages_grpo_and_dr_grpo():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0], dtype=torch.float64)
+    a = group_advantages(r, 2, eps=0.0)
+    # groups (1,0) (0,1) (2,2): mean 0.5, 0.5, 2; population std 0.5, 0.5, 0 -> (2.0 - 2) / 0 guarded
+    torch.testing.assert_close(a[:4], torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64))
+    assert torch.isnan(a[4:]).all()  # eps=0 on a constant group: the caller chose no guard
+    torch.testing.assert_close(group_advantages(r, 2)[4:], torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(group_advantages(r, 3, scale="none"), r - torch.tensor([1 / 3] * 3 + [5 / 3] * 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(r, 4)
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(r, 2, scale="max")
+
+
+def hand_loss(new, old, roll, adv, mask, clip_low, clip_high, cap):
+    total, n, truncated = 0.0, 0, 0
+    for ln, lo, lr, a, m in zip(new, old, roll, adv, mask):
+        if not m:
+            continue
+        ratio = math.exp(ln - lo)
+        obj = min(ratio * a, min(max(ratio, 1 - clip_low), 1 + clip_high) * a)
+        raw = math.exp(lo - lr)
+        truncated += raw > cap
+        total += min(raw, cap) * -obj
+        n += 1
+    return total / n, truncated / n
+
+
+def test_policy_loss_matches_hand_computation():
+    new = [-1.0, -0.5, -2.0, -0.1, -3.0, -0.7]
+    old = [-1.2, -0.4, -1.0, -0.1, -1.0, -0.9]
+    roll = [-1.1, -2.0, -1.0, -0.3, -1.5, -0.9]
+    adv = [1.0, 1.0, -1.0, 0.5, -2.0, 0.3]
+    mask = [1, 1, 1, 0, 1, 1]  # one context token carries no loss
+    cfg = LossConfig(clip_low=0.2, clip_high=0.28, tis_cap=2.0)
+    t = lambda v: torch.tensor(v, dtype=torch.float64)
+    ln = t(new).requires_grad_()
+    loss, stats = policy_loss(ln, t(old), t(roll), t(adv), t(mask), cfg)
+    ref, trunc = hand_loss(new, old, roll, adv, mask, 0.2, 0.28, 2.0)
+    assert loss.item() == pytest.approx(ref, rel=1e-12)
+    assert stats["tis_truncated_frac"] == pytest.approx(trunc)
+    assert stats["tis_truncated_frac"] > 0  # token 2 has exp(1.6) > 2
+    assert stats["loss_tokens"] == 5
+    # gradient: only unclipped, masked-in tokens move, scaled by w * A * ratio / n
+    (g,) = torch.autograd.grad(loss, ln)
+    assert g[3] == 0
+    eps = 1e-6
+    for i in range(6):
+        bumped = list(new)
+        bumped[i] += eps
+        fd = (hand_loss(bumped, old, roll, adv, mask, 0.2, 0.28, 2.0)[0] - ref) / eps
+        assert g[i].item() == pytest.approx(fd, abs=1e-5)
+
+
+def test_tis_disabled_and_kl():
+    n = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    same = n.detach().clone()
+    loss, stats = policy_loss(n, same, same - 5, torch.ones(2, dtype=torch.float64), torch.ones(2), LossConfig(tis_cap=0))
+    assert loss.item() == pytest.approx(-1.0)  # ratio 1, advantage 1, no weight
+    assert stats["tis_weight_mean"] == 1.0
+    ref = torch.tensor([-1.5, -2.0], dtype=torch.float64)
+    loss, stats = policy_loss(n, same, same, torch.zeros(2, dtype=torch.float64), torch.ones(2), LossConfig(kl_coef=0.1), logp_ref=ref)
+    k3 = (math.exp(-0.5) + 0.5 - 1 + 0.0) / 2
+    assert stats["kl"] == pytest.approx(k3)
+    assert loss.item() == pytest.approx(0.1 * k3)
+
+
+def test_policy_loss_shape_mismatch():
+    a = torch.zeros(3)
+    with pytest.raises(ValueError, match="share one shape"):
+        policy_loss(a, a, a, a, torch.zeros(4))
