@@ -1,0 +1,144 @@
+"""Training configuration: defaults, a TOML file, then ``key=value`` overrides, validated.
+
+Configs are untrusted input: unknown keys and wrongly typed values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .loss import LossConfig
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "tiny"  # "tiny" (built-in CPU default) or a Hugging Face GPT-OSS checkpoint folder
+    task: str = "arithmetic"  # a built-in task name (ossrl.train.tasks.TASKS)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16
+    # supervised warm-up on generated demonstrations, then RL
+    sft_steps: int = 150
+    sft_batch: int = 32
+    sft_lr: float = 3e-3
+    steps: int = 40
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    prompts_per_step: int = 16
+    group_size: int = 8
+    # rollout
+    max_new_tokens: int = 32  # per assistant turn
+    max_turns: int = 3
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    kv_cache_tokens: int = 65536
+    tool_timeout: float = 5.0
+    tool_concurrency: int = 64
+    # training
+    adv_scale: str = "std"  # std (GRPO) | none (Dr. GRPO)
+    micro_batch_tokens: int = 8192
+    loss: LossConfig = field(default_factory=LossConfig)
+    # bookkeeping
+    eval_every: int = 5
+    eval_prompts: int = 64
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise ValueError(f"config key {key!r} must be a string, got {value!r}")
+        return value
+    raise ValueError(f"config key {key!r} cannot be set to {value!r}")
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ValueError(f"unknown config key {full!r} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {full!r} is a table; set {full}.NAME instead")
+            _apply(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(full, value, current))
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: a string
+    nested: dict[str, Any] = {}
+    cur = nested
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    cfg = TrainConfig()
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {path}: {e}") from None
+        _apply(cfg, data)
+    for item in overrides:
+        _apply(cfg, _parse_override(item))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    positive = ["sft_batch", "prompts_per_step", "group_size", "max_new_tokens", "max_turns", "kv_cache_tokens",
+                "tool_concurrency", "micro_batch_tokens", "eval_prompts", "eval_every", "checkpoint_every",
+                "keep_checkpoints"]
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"config key {key!r} must be positive, got {getattr(cfg, key)}")
+    for key in ("steps", "sft_steps"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
+        raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+    if cfg.adv_scale not in ("std", "none"):
+        raise ValueError(f"config key 'adv_scale' must be 'std' or 'none', got {cfg.adv_scale!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"config key 'device' must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"config key 'dtype' must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.tool_timeout <= 0:
+        raise ValueError("config key 'tool_timeout' must be positive")

@@ -1,0 +1,78 @@
+"""Built-in multi-turn tool tasks.
+
+A task makes problems (a user prompt and the right answer), a demonstration conversation for
+the supervised warm-up, and scores the final answer. Problems come from a seeded generator, so
+step N of a run sees the same problems whether or not the run was resumed; held-out problems
+are drawn from a disjoint set (a hash of the problem decides its split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+Message = dict[str, Any]  # {"role", "content", optional "channel", "recipient", "name"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+
+
+class ArithmeticTask:
+    """Two-operand arithmetic that needs the calculator tool.
+
+    A small model cannot multiply two-digit numbers in its head, so the reliable way to the
+    reward is the multi-turn one: call ``calculator`` with the expression, read the result,
+    answer with it in the final channel.
+    """
+
+    name = "arithmetic"
+    tools = ("calculator",)
+    system = "Use the calculator tool, then give only the number."
+
+    def __init__(self, max_operand: int = 99, ops: str = "+-*"):
+        self.max_operand, self.ops = max_operand, ops
+
+    @staticmethod
+    def _split(a: int, op: str, b: int) -> str:
+        h = hashlib.sha256(f"{a}{op}{b}".encode()).digest()[0]
+        return "eval" if h < 32 else "train"  # 1/8 of all problems are held out
+
+    def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Problem]:
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        out = []
+        while len(out) < n:
+            a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
+            op = rng.choice(self.ops)
+            if self._split(a, op, b) != split:
+                continue
+            value = {"+": a + b, "-": a - b, "*": a * b}[op]
+            out.append(Problem(prompt=f"{a}{op}{b}", answer=str(value)))
+        return out
+
+    def demonstration(self, p: Problem) -> list[Message]:
+        return [
+            {"role": "user", "content": p.prompt},
+            {"role": "assistant", "channel": "commentary", "recipient": "functions.calculator",
+             "content": json.dumps({"expression": p.prompt})},
+            {"role": "tool", "name": "calculator", "content": p.answer},
+            {"role": "assistant", "channel": "final", "content": p.answer},
+        ]
+
+    def reward(self, p: Problem, final_answer: str | None) -> float:
+        return 1.0 if final_answer is not None and final_answer.strip() == p.answer else 0.0
+
+
+TASKS = {"arithmetic": ArithmeticTask}
+
+
+def make_task(name: str):
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r} (built in: {', '.join(TASKS)})")
+    return TASKS[name]()
