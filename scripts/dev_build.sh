@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 name=${1:-main}
 b=build/dev-$name
 py=${PYTHON:-python}
+# CUDA C++20 needs CMake >= 3.28: prefer the one installed beside the Python (pip's cmake).
+pybin=$(dirname "$(command -v "$py")")
+[ -x "$pybin/cmake" ] && export PATH="$pybin:$PATH"
 cmake -S . -B "$b" -G Ninja -DPython_EXECUTABLE="$(command -v "$py")" \
   -DOSSRL_CUDA="${OSSRL_CUDA:-OFF}" -DOSSRL_AREAS="${OSSRL_AREAS:-all}" \
   -DSKBUILD_PROJECT_VERSION=0.0.0.dev >/dev/null

@@ -21,7 +21,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 echo "== build environment (build/env)"
 [ -x build/env/bin/python ] || "$py" -m venv build/env
 build/env/bin/pip install -q --disable-pip-version-check "$torch_req" numpy \
-  "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.24" ninja nvidia-cutlass==4.2.0.0
+  "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.28" ninja nvidia-cutlass==4.2.0.0
 
 echo "== wheel (OSSRL_CUDA=$OSSRL_CUDA)"
 rm -rf build/wheelhouse
