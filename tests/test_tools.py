@@ -1,0 +1,462 @@
+"""Tests of ossrl.rollout.tools: the registry, the sandboxed ``python`` tool and ``calculator``.
+
+An attack runs only where something is known to contain it. With the audit hook on, the hook
+contains it, plus whatever kernel layers this machine has. Where a test turns the hook off to
+check a kernel layer on its own, it *requires* that layer: the sandbox refuses to run the code
+otherwise. Writes target only files under pytest's tmp_path, never real system paths. The fork
+bomb runs unbounded only where seccomp is in force (hook + seccomp). Elsewhere a self-limiting
+variant runs: each child exits at once, and the loop is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+from ossrl.rollout.tools import (
+    CalculatorError,
+    SandboxConfig,
+    ToolCall,
+    ToolRegistry,
+    ToolResult,
+    evaluate_expression,
+    probe_sandbox,
+    run_sandboxed,
+)
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def layers() -> dict:
+    if not sys.platform.startswith("linux"):
+        return {}
+    return run(probe_sandbox())
+
+
+def _schema(**props) -> dict:
+    return {"type": "object", "properties": {k: {"type": v} for k, v in props.items()},
+            "required": list(props), "additionalProperties": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: concurrency, timeouts, malformed calls
+# ----------------------------------------------------------------------------------------------
+
+
+def test_thousand_concurrent_async_calls_respect_the_limit():
+    reg = ToolRegistry(builtins=False)
+    active = 0
+    peak = 0
+
+    async def double(x: int) -> int:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            await asyncio.sleep(0.002 + (x % 7) * 0.002)
+            return 2 * x
+        finally:
+            active -= 1
+
+    reg.register("double", double, description="Double a number.", parameters_schema=_schema(x="integer"))
+    calls = [ToolCall("double", json.dumps({"x": i})) for i in range(1000)]
+    t0 = time.monotonic()
+    results = run(reg.run_calls(calls, max_concurrency=64))
+    elapsed = time.monotonic() - t0
+    assert len(results) == 1000
+    assert all(r.ok and r.content == str(2 * i) and r.error is None for i, r in enumerate(results))
+    assert peak == 64  # the limit was reached and never exceeded
+    assert elapsed < 10.0, elapsed  # about 1000/64 * 8 ms when nothing else runs
+
+
+def test_run_calls_mixed_inputs_never_raise():
+    reg = ToolRegistry()
+
+    def boom():
+        raise RuntimeError("kaput")
+
+    reg.register("boom", boom, description="Fails.", parameters_schema={"type": "object"})
+    calls = [
+        ("calculator", '{"expression": "6*7"}'),
+        ("nope", "{}"),
+        {"name": "calculator", "arguments": "{not json"},
+        ToolCall("boom"),
+        ("calculator", {"expression": "1/0"}),
+        42,  # not a call at all
+        ("calculator", "[1, 2]"),
+    ]
+    results = run(reg.run_calls(calls, max_concurrency=3))
+    assert [r.ok for r in results] == [True, False, False, False, False, False, False]
+    assert results[0].content == "42"
+    assert results[1].error == "unknown_tool" and "calculator" in results[1].content
+    # calculator takes raw text when the arguments are not a JSON object: a readable error anyway
+    assert results[2].error == "exception" and "CalculatorError" in results[2].content
+    assert results[3].error == "exception" and "RuntimeError: kaput" in results[3].content
+    assert results[4].error == "exception" and "division by zero" in results[4].content
+    assert results[5].error == "bad_arguments"
+    assert results[6].error == "exception"
+    assert all(isinstance(r, ToolResult) and r.content for r in results)
+
+
+def test_bad_arguments_give_error_results():
+    reg = ToolRegistry(builtins=False)
+
+    def add(a: int, b: int = 0) -> int:
+        return a + b
+
+    def loose(a):
+        return a
+
+    reg.register("add", add, description="Add.", parameters_schema={
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a"], "additionalProperties": False})
+    reg.register("loose", loose, description="Schema lets anything through.",
+                 parameters_schema={"type": "object"})
+
+    def call(name, args):
+        return run(reg.call(name, args))
+
+    assert call("add", '{"a": 2, "b": 3}').content == "5"
+    assert call("add", {"a": 2}).content == "2"
+    cases = {
+        '{"a": 2': "not valid JSON",
+        '"a"': "must be a JSON object",
+        "[1]": "must be a JSON object",
+        '{"b": 1}': "missing required argument 'a'",
+        '{"a": "two"}': "expected integer, got string",
+        '{"a": true}': "expected integer, got boolean",
+        '{"a": 1.5}': "expected integer, got number",
+        '{"a": 1, "c": 2}': "unexpected argument 'c'",
+        "[" * 100_000: "not valid JSON",  # deeply nested garbage
+    }
+    for args, msg in cases.items():
+        r = call("add", args)
+        assert not r.ok and r.error == "bad_arguments" and msg in r.content, (args, r)
+    r = call("loose", '{"b": 1}')  # passes the schema, fails the signature
+    assert r.error == "bad_arguments" and "a" in r.content
+    r = call("missing", "{}")
+    assert r.error == "unknown_tool" and "add" in r.content
+    r = run(reg.call(None, "{}"))  # type: ignore[arg-type]
+    assert r.error == "unknown_tool"
+
+
+def test_exceptions_exits_and_large_outputs_become_results():
+    reg = ToolRegistry(builtins=False, max_output_chars=1000)
+
+    def exiting():
+        sys.exit(3)
+
+    async def async_exiting():
+        raise SystemExit(4)
+
+    class Weird:
+        def __str__(self):
+            raise ValueError("no text")
+
+    reg.register("exit", exiting, description="", parameters_schema={"type": "object"})
+    reg.register("aexit", async_exiting, description="", parameters_schema={"type": "object"})
+    reg.register("weird", lambda: Weird(), description="", parameters_schema={"type": "object"})
+    reg.register("big", lambda: "x" * 1_000_000, description="", parameters_schema={"type": "object"})
+    reg.register("obj", lambda: {"a": [1, 2]}, description="", parameters_schema={"type": "object"})
+    r = run(reg.call("exit"))
+    assert r.error == "exception" and "SystemExit" in r.content
+    r = run(reg.call("aexit"))
+    assert r.error == "exception" and "SystemExit" in r.content
+    r = run(reg.call("weird"))
+    assert r.error == "exception" and "no text" in r.content
+    r = run(reg.call("big"))
+    assert r.error == "output_too_large" and r.content.startswith("x" * 1000) and len(r.content) < 1200
+    assert run(reg.call("obj")).content == '{"a": [1, 2]}'
+
+
+def test_async_call_that_never_returns_is_cut_off():
+    reg = ToolRegistry(builtins=False)
+
+    async def forever():
+        await asyncio.Event().wait()
+
+    async def stubborn():  # swallows the first cancellation, then finishes on its own
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)
+        return "late"
+
+    reg.register("forever", forever, description="", parameters_schema={"type": "object"})
+    reg.register("stubborn", stubborn, description="", parameters_schema={"type": "object"})
+
+    async def main():
+        t0 = time.monotonic()
+        a, b = await asyncio.gather(reg.call("forever", "{}", timeout=0.3),
+                                    reg.call("stubborn", "{}", timeout=0.3))
+        return a, b, time.monotonic() - t0
+
+    a, b, elapsed = run(main())
+    assert a.error == "timeout" and "0.3 s" in a.content
+    assert b.error == "timeout"
+    assert elapsed < 1.5
+
+
+def test_sync_call_that_never_returns_is_cut_off():
+    reg = ToolRegistry(builtins=False, max_hung_threads=1)
+    release = threading.Event()
+
+    def hang():
+        release.wait()  # a hung sync tool (released at the end so the thread ends)
+        return "done"
+
+    reg.register("hang", hang, description="", parameters_schema={"type": "object"}, timeout=0.3)
+    reg.register("ok", lambda: "fine", description="", parameters_schema={"type": "object"})
+    try:
+        t0 = time.monotonic()
+        r = run(reg.call("hang"))
+        assert r.error == "timeout" and time.monotonic() - t0 < 1.5
+        assert reg.hung_threads == 1
+        # at the limit of hung threads, further sync calls are refused rather than piling up
+        r = run(reg.call("ok"))
+        assert r.error == "unavailable"
+    finally:
+        release.set()
+    deadline = time.monotonic() + 5
+    while reg.hung_threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reg.hung_threads == 0
+    assert run(reg.call("ok")).content == "fine"
+
+
+def test_sync_tools_run_off_the_event_loop():
+    reg = ToolRegistry(builtins=False)
+    reg.register("nap", lambda s: time.sleep(s) or "rested", description="",
+                 parameters_schema=_schema(s="number"))
+    t0 = time.monotonic()
+    results = run(reg.run_calls([("nap", {"s": 0.2})] * 16, max_concurrency=16))
+    assert all(r.content == "rested" for r in results)
+    assert time.monotonic() - t0 < 1.5  # 16 x 0.2 s in parallel threads
+
+
+def test_register_checks_its_arguments():
+    reg = ToolRegistry()
+    with pytest.raises(ValueError):
+        reg.register("calculator", len, description="", parameters_schema={"type": "object"})
+    with pytest.raises(ValueError):
+        reg.register("bad name!", len, description="", parameters_schema={"type": "object"})
+    with pytest.raises(ValueError):
+        reg.register("x", len, description="", parameters_schema={"type": "array"})
+    with pytest.raises(ValueError):
+        ToolRegistry(builtins=["shell"])
+    names = {s["name"] for s in reg.specs()}
+    assert names == {"python", "calculator"}
+    assert all(s["parameters"]["type"] == "object" and s["description"] for s in reg.specs())
+
+
+# ----------------------------------------------------------------------------------------------
+# Calculator
+# ----------------------------------------------------------------------------------------------
+
+
+def test_calculator_values():
+    assert evaluate_expression("2 + 3 * 4") == 14
+    assert evaluate_expression("(17 + 25) * 3 / 2") == 63.0
+    assert evaluate_expression("-7 % 3") == 2 and evaluate_expression("7 // 2") == 3
+    assert evaluate_expression("2 ** 10") == 1024 and evaluate_expression("2^10") == 1024
+    assert evaluate_expression("sqrt(16) + max(1, 5, 3)") == 9.0
+    assert evaluate_expression("10 ** -2") == pytest.approx(0.01)
+    assert evaluate_expression("round(pi, 2)") == 3.14
+    reg = ToolRegistry(builtins=["calculator"])
+    assert run(reg.call("calculator", '{"expression": "0.1 + 0.2"}')).content == "0.3"
+    assert run(reg.call("calculator", '{"expression": "12345678901234567890 * 10"}')).content == "123456789012345678900"
+    assert run(reg.call("calculator", "(3 + 4) * 12")).content == "84"  # raw text, not JSON
+
+
+@pytest.mark.parametrize("expr", [
+    "9**9**9", "2**100000", "10**10**10", "(2**4000)**(2**4000)", "1e308 * 10", "exp(1000)",
+    "1/0", "0 ** -1", "(-8) ** (1/3)", "sqrt(-1)", "__import__('os').system('true')", "x",
+    "().__class__", "lambda: 1", "'a' * 3", "[1] * 10", "True + 1", "1j", "", "1 +", "1" + "+1" * 600,
+    "factorial(100000)",
+])
+def test_calculator_rejects(expr):
+    t0 = time.monotonic()
+    with pytest.raises(CalculatorError):
+        evaluate_expression(expr)
+    assert time.monotonic() - t0 < 0.5
+    r = run(ToolRegistry(builtins=["calculator"]).call("calculator", {"expression": expr}))
+    assert not r.ok and r.error == "exception" and "CalculatorError" in r.content
+
+
+# ----------------------------------------------------------------------------------------------
+# The sandbox
+# ----------------------------------------------------------------------------------------------
+
+
+def _py(code: str, timeout: float = 5.0, config: SandboxConfig | None = None) -> ToolResult:
+    return run(run_sandboxed(code, config, timeout=timeout))
+
+
+@linux_only
+def test_sandbox_runs_normal_code():
+    r = _py("print(sum(range(10)))")
+    assert r.ok and r.error is None and r.content == "45\n", r
+    reg = ToolRegistry()
+    r = run(reg.call("python", json.dumps({"code": "import math, json\nprint(json.dumps([math.factorial(5)]))"})))
+    assert r.ok and r.content == "[120]\n", r
+    r = run(reg.call("python", "print('raw code, not JSON')"))  # GPT-OSS style
+    assert r.ok and r.content == "raw code, not JSON\n", r
+    r = _py("open('notes.txt', 'w').write('kept'); print(open('notes.txt').read())")
+    assert r.ok and r.content == "kept\n", r
+
+
+@linux_only
+def test_sandbox_errors_are_readable():
+    r = _py("1/0")
+    assert r.error == "exception" and "ZeroDivisionError" in r.content and "<code>" in r.content
+    assert "hook" not in r.content and "<string>" not in r.content  # the sandbox's own frames hidden
+    r = _py("def f(:")
+    assert r.error == "exception" and "SyntaxError" in r.content
+    r = _py("import sys; print('bye'); sys.exit(3)")
+    assert r.error == "nonzero_exit" and r.content.startswith("bye\n")
+    r = _py("print(input())")
+    assert r.error == "exception" and "EOFError" in r.content
+
+
+@linux_only
+def test_sandbox_environment_is_fresh_and_minimal(monkeypatch):
+    monkeypatch.setenv("OSSRL_TEST_SECRET", "hunter2")
+    r = _py("import os, sys; print(os.getcwd()); print(sorted(os.environ)); print(os.listdir('.'));"
+            "print(any('site-packages' in p for p in sys.path))")
+    assert r.ok, r
+    cwd, env, listing, site = r.content.splitlines()
+    assert "OSSRL_TEST_SECRET" not in env and "hunter2" not in r.content
+    assert listing == "[]" and site == "False"
+    assert not os.path.exists(cwd)  # the temporary directory is gone
+
+
+@linux_only
+def test_sandbox_sleep_forever_is_cut_off():
+    t0 = time.monotonic()
+    r = _py("import time\nprint('started', flush=True)\nwhile True:\n    time.sleep(1000)", timeout=1.0)
+    assert r.error == "timeout" and r.content.startswith("started"), r
+    assert time.monotonic() - t0 < 4.0
+    reg = ToolRegistry()
+    r = run(reg.call("python", {"code": "import time; time.sleep(10**6)"}, timeout=0.5))
+    assert r.error == "timeout"
+
+
+@linux_only
+def test_sandbox_cpu_limit():
+    r = _py("while True:\n    pass", timeout=20.0, config=SandboxConfig(cpu_seconds=1))
+    assert r.error == "cpu_limit", r
+    assert r.seconds < 10
+
+
+def _attacks(tmp_path) -> dict[str, tuple[str, tuple[str, ...], str | None]]:
+    """name -> (code, acceptable error kinds, text that must not leak into the result)."""
+    outside = tmp_path / "outside.txt"
+    secret_file = tmp_path / "trainer_secret.txt"
+    secret_file.write_text("TOP-SECRET-TOKEN")
+    here = os.path.abspath(__file__)
+    return {
+        "read /etc/passwd": ("print(open('/etc/passwd').read())", ("sandbox_violation", "exception"), "root:"),
+        "read the test's own file": (f"print(open({here!r}).read())", ("sandbox_violation", "exception"),
+                                     "TOP-SECRET" + "-MARKER-IN-THIS-FILE"),
+        "read a trainer file": (f"print(open({str(secret_file)!r}).read())", ("sandbox_violation", "exception"),
+                                "TOP-SECRET-TOKEN"),
+        "list the trainer's directory": (f"import os; print(os.listdir({str(tmp_path)!r}))",
+                                         ("sandbox_violation", "exception"), "trainer_secret"),
+        "write outside": (f"open({str(outside)!r}, 'w').write('pwned')", ("sandbox_violation", "exception"), None),
+        "socket": ("import socket\ns = socket.create_connection(('1.1.1.1', 53), timeout=2)\nprint('connected')",
+                   ("sandbox_violation", "exception"), "connected"),
+        "subprocess": ("import subprocess\nprint(subprocess.run(['id'], capture_output=True))",
+                       ("sandbox_violation", "exception"), "uid="),
+        "memory": ("x = []\nwhile True:\n    x.append(bytearray(8 << 20))", ("memory_limit",), None),
+        "print 100 MB": ("import sys\nfor _ in range(100):\n    sys.stdout.write('y' * (1 << 20))",
+                         ("output_too_large",), None),
+    }
+
+
+# Self-limiting: a child that gets through exits at once, and the loop is bounded.
+_SAFE_FORK_LOOP = "import os\nfor _ in range(10000):\n    if os.fork() == 0:\n        os._exit(0)\nprint('forked')"
+_FORK_BOMB = "import os\nwhile True:\n    os.fork()"
+
+
+def _fork_code(layers: dict) -> str:
+    return _FORK_BOMB if layers.get("seccomp") is True else _SAFE_FORK_LOOP
+
+
+@linux_only
+def test_sandbox_stops_attacks_and_keeps_working(tmp_path, layers):
+    attacks = _attacks(tmp_path)
+    attacks["fork bomb"] = (_fork_code(layers), ("sandbox_violation", "exception"), "forked")
+    reg = ToolRegistry(sandbox=SandboxConfig(memory_bytes=256 << 20), max_output_chars=4000)
+    names = list(attacks)
+    calls = []
+    for name in names:  # interleave normal calls: they must still work
+        calls.append(("python", {"code": attacks[name][0]}, 5.0))
+        calls.append(("python", {"code": f"print({len(calls)} * 2)"}, 5.0))
+    t0 = time.monotonic()
+    results = run(reg.run_calls(calls, max_concurrency=4))
+    assert time.monotonic() - t0 < 30
+    for i, name in enumerate(names):
+        r, normal = results[2 * i], results[2 * i + 1]
+        _, kinds, leak = attacks[name]
+        assert not r.ok and r.error in kinds, (name, r)
+        if leak:
+            assert leak not in r.content, (name, r.content)
+        assert len(r.content) <= 4000 + 200
+        assert normal.ok and normal.content == f"{(2 * i + 1) * 2}\n", (name, normal)
+    assert not (tmp_path / "outside.txt").exists()
+    assert run(reg.call("python", {"code": "print('still alive')"})).content == "still alive\n"
+
+
+@linux_only
+@pytest.mark.parametrize("layer", ["landlock", "seccomp"])
+def test_kernel_layers_hold_without_the_audit_hook(tmp_path, layers, layer):
+    """The audit hook is not a boundary; the kernel layers must stop these on their own."""
+    if layers.get(layer) is not True:
+        pytest.skip(f"{layer} is not available here: {layers.get(layer)}")
+    # require= makes the sandbox refuse to run the code unless the layer is in force
+    cfg = SandboxConfig(audit_hook=False, require=(layer,), memory_bytes=256 << 20)
+    attacks = _attacks(tmp_path)
+    if layer == "landlock":
+        names = ["read /etc/passwd", "read the test's own file", "read a trainer file",
+                 "list the trainer's directory", "write outside"]
+    else:
+        attacks["fork bomb"] = (_FORK_BOMB, ("exception",), None)
+        names = ["socket", "subprocess", "fork bomb"]
+    for name in names:
+        code, kinds, leak = attacks[name]
+        r = _py(code, timeout=5.0, config=cfg)
+        assert not r.ok and r.error == "exception" and "PermissionError" in r.content, (name, r)
+        if leak:
+            assert leak not in r.content
+    assert not (tmp_path / "outside.txt").exists()
+    assert _py("print(6 * 7)", config=cfg).content == "42\n"
+
+
+@linux_only
+def test_required_layer_missing_refuses_to_run():
+    # Disable seccomp but require it: the code must not run.
+    cfg = SandboxConfig(seccomp=False, require=("seccomp",))
+    r = _py("print('ran')", config=cfg)
+    assert r.error == "sandbox_error" and "ran\n" not in r.content, r
+
+
+@linux_only
+def test_sandbox_layers_reported(layers):
+    assert layers.get("rlimits") is True and layers.get("audit_hook") is True, layers
+    # the others depend on the kernel and privileges; print them for the log
+    print("sandbox layers:", layers)
+
+
+# A marker the sandboxed code must never be able to read out of this file:
+# TOP-SECRET-MARKER-IN-THIS-FILE
