@@ -5,5 +5,6 @@ Each area has one module: ``moe`` (grouped GEMM, routing, the GPT-OSS expert blo
 """
 
 from .moe import Routing, grouped_gemm, moe_experts, moe_route
+from .reshard import multi_tensor_copy_
 
-__all__ = ["Routing", "grouped_gemm", "moe_route", "moe_experts"]
+__all__ = ["Routing", "grouped_gemm", "moe_route", "moe_experts", "multi_tensor_copy_"]
