@@ -24,12 +24,13 @@ TORCH_LIBRARY(ossrl, m) {
 
   // ---- attention (csrc/*/attention.*) ----
   // window < 0 means no window; softmax_scale is resolved by the Python wrapper.
-  // Returns (out (Tq,Hq,D), lse (Hq,Tq) fp32, the log of the softmax denominator sink included).
+  // Returns (out (Tq,Hq,D), lse (Hq,Tq) fp32 (fp64 for fp64 inputs), the log of the softmax
+  // denominator sink included). A window without causal bounds only the left side (j > p - W).
   m.def(
       "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, bool causal, int window, Tensor? sinks, "
       "float softmax_scale) -> (Tensor, Tensor)");
-  // Returns (dq, dk, dv, dsinks); dsinks is (Hq,) fp32, empty when sinks is None.
+  // Returns (dq, dk, dv, dsinks); dsinks is (Hq,) fp32 (fp64 for fp64), empty when sinks is None.
   m.def(
       "varlen_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "

@@ -1,4 +1,4 @@
-"""The ``ossrl`` command: ``ossrl info``; later ``train`` and ``bench``."""
+"""The ``ossrl`` command: ``info``, ``train`` and ``plot``."""
 
 from __future__ import annotations
 
@@ -39,7 +39,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ossrl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, build and registered ops")
+    tr = sub.add_parser("train", help="colocated RL (the default runs a tiny model on the CPU in minutes)")
+    tr.add_argument("--config", help="a TOML file (see README); key=value arguments override it")
+    tr.add_argument("--run-dir", default="runs/default", help="metrics.jsonl, checkpoints/ and plots/ go here")
+    tr.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    tr.add_argument("overrides", nargs="*", metavar="key=value")
+    pl = sub.add_parser("plot", help="PNG curves of a run's metrics")
+    pl.add_argument("run_dir")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
+    elif args.command == "train":
+        from .train.config import load_config
+        from .train.loop import train
+        from .train.metrics import plot
+
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except (ValueError, OSError) as e:
+            parser.error(str(e))
+        run_dir = train(cfg, args.run_dir, resume=args.resume)
+        print(f"metrics: {run_dir / 'metrics.jsonl'}; plots: " + ", ".join(str(p) for p in plot(run_dir)))
+    elif args.command == "plot":
+        from .train.metrics import plot
+
+        for path in plot(args.run_dir):
+            print(path)
     return 0

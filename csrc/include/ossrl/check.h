@@ -76,4 +76,24 @@ inline void check_offsets(const at::Tensor& offsets, int64_t num_groups, int64_t
                     rows_name);
 }
 
+// cu_seqlens: int32 (B+1,) starts of packed sequences: [0] == 0, non-decreasing, [-1] == total.
+// Values are checked only on the CPU, as for offsets.
+inline void check_cu_seqlens(const at::Tensor& cu, int64_t total, const char* op,
+                             const char* name, const char* total_name) {
+  check_int32(cu, op, name);
+  check_dim(cu, 1, op, name);
+  OSSRL_CHECK(cu.size(0) >= 1, op, name, " must have B+1 >= 1 entries, got none");
+  if (!cu.is_cpu()) return;
+  auto c = cu.contiguous();
+  const int32_t* p = c.data_ptr<int32_t>();
+  const int64_t n = c.size(0);
+  OSSRL_CHECK_VALUE(p[0] == 0, op, name, "[0] must be 0, got ", p[0]);
+  for (int64_t i = 1; i < n; ++i) {
+    OSSRL_CHECK_VALUE(p[i] >= p[i - 1], op, name, " must be non-decreasing, got ", name, "[", i,
+                      "] = ", p[i], " after ", p[i - 1]);
+  }
+  OSSRL_CHECK_VALUE(p[n - 1] == total, op, name, "[-1] = ", p[n - 1], " must equal ", total_name,
+                    " (", total, ")");
+}
+
 }  // namespace ossrl

@@ -33,7 +33,7 @@ class TrainConfig:
     prompts_per_step: int = 16
     group_size: int = 8
     # rollout
-    max_new_tokens: int = 32  # per assistant turn
+    max_new_tokens: int = 96  # per assistant turn
     max_turns: int = 3
     temperature: float = 1.0
     top_p: float = 1.0

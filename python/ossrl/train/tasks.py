@@ -9,12 +9,10 @@ are drawn from a disjoint set (a hash of the problem decides its split).
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
-from typing import Any
 
-Message = dict[str, Any]  # {"role", "content", optional "channel", "recipient", "name"}
+from ..model.harmony import Message, tool_result
 
 
 @dataclass(frozen=True)
@@ -35,8 +33,9 @@ class ArithmeticTask:
     tools = ("calculator",)
     system = "Use the calculator tool, then give only the number."
 
-    def __init__(self, max_operand: int = 99, ops: str = "+-*"):
-        self.max_operand, self.ops = max_operand, ops
+    def __init__(self, low: int = 10, high: int = 99, ops: str = "+-*"):
+        # Two-digit operands: a fixed-width prompt, so copying it into the call is a fixed offset.
+        self.low, self.high, self.ops = low, high, ops
 
     @staticmethod
     def _split(a: int, op: str, b: int) -> str:
@@ -48,7 +47,7 @@ class ArithmeticTask:
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         out = []
         while len(out) < n:
-            a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
+            a, b = rng.randint(self.low, self.high), rng.randint(self.low, self.high)
             op = rng.choice(self.ops)
             if self._split(a, op, b) != split:
                 continue
@@ -56,13 +55,17 @@ class ArithmeticTask:
             out.append(Problem(prompt=f"{a}{op}{b}", answer=str(value)))
         return out
 
+    def prompt(self, p: Problem) -> list[Message]:
+        return [Message("user", p.prompt)]
+
     def demonstration(self, p: Problem) -> list[Message]:
+        """The conversation after the prompt: call the tool, read its result, answer."""
+        # The calculator takes its expression as plain text too: a short call for a small model.
+        call = Message("assistant", p.prompt, channel="commentary", recipient="functions.calculator")
         return [
-            {"role": "user", "content": p.prompt},
-            {"role": "assistant", "channel": "commentary", "recipient": "functions.calculator",
-             "content": json.dumps({"expression": p.prompt})},
-            {"role": "tool", "name": "calculator", "content": p.answer},
-            {"role": "assistant", "channel": "final", "content": p.answer},
+            call,
+            tool_result("calculator", p.answer),
+            Message("assistant", p.answer, channel="final"),
         ]
 
     def reward(self, p: Problem, final_answer: str | None) -> float:

@@ -1,0 +1,87 @@
+"""`ossrl train` end to end on the tiny default, kill-and-resume, configs and packing."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from ossrl.cli import main
+from ossrl.rollout.agent import Trajectory
+from ossrl.train.config import load_config
+from ossrl.train.loop import micro_batches, pack, train
+from ossrl.train.metrics import read
+
+SHORT = ["sft_steps=25", "steps=4", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=2",
+         "checkpoint_every=2", "max_turns=2", "micro_batch_tokens=1500"]
+RESULTS = ("reward_mean", "loss", "tis_weight_mean", "generated_tokens", "tool_calls", "answered_frac")
+
+
+def _results(records):
+    return [{k: r.get(k) for k in ("step", "eval_success_rate", *RESULTS) if k in r} for r in records if "step" in r]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("full")
+    assert main(["train", "--run-dir", str(run), *SHORT]) == 0
+    return run
+
+
+def test_default_run_writes_metrics_checkpoints_and_plots(full_run):
+    records = read(full_run / "metrics.jsonl")
+    steps = [r for r in records if "reward_mean" in r]
+    evals = [r for r in records if "eval_success_rate" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in steps:
+        assert 0 <= r["reward_mean"] <= 1 and r["generated_tokens"] > 0
+        assert r["rollout_s"] > 0 and r["train_s"] > 0
+    sft = [r["sft_loss"] for r in records if "sft_loss" in r]
+    assert len(sft) == 25 and sft[-1] < sft[0]  # the warm-up learns the format
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert (full_run / "plots" / "reward.png").stat().st_size > 0
+
+
+def test_kill_mid_checkpoint_and_resume_repeats_the_run(full_run, tmp_path):
+    run = tmp_path / "resumed"
+    half = [a if not a.startswith("steps=") else "steps=2" for a in SHORT]
+    assert main(["train", "--run-dir", str(run), *half]) == 0
+    # a kill while writing the step-4 checkpoint leaves a partial temporary folder behind
+    partial = run / "checkpoints" / ".tmp-step_00000004"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    # ... and metrics of steps the checkpoint does not cover
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "reward_mean": 123.0}) + "\n")
+    assert main(["train", "--run-dir", str(run), "--resume", *SHORT]) == 0
+    assert _results(read(run / "metrics.jsonl")) == _results(read(full_run / "metrics.jsonl"))
+
+
+def test_config_file_overrides_and_errors(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('steps = 3\nlr = 1e-4\n[loss]\ntis_cap = 3.0\n')
+    cfg = load_config(f, ["steps=5", "loss.clip_high=0.3", "task=arithmetic"])
+    assert (cfg.steps, cfg.lr, cfg.loss.tis_cap, cfg.loss.clip_high) == (5, 1e-4, 3.0, 0.3)
+    for bad, match in [(["stepz=3"], "unknown config key 'stepz'"), (["steps=three"], "'steps' must be an integer"),
+                       (["loss.tis_cap=x"], "'loss.tis_cap' must be a number"), (["steps"], "key=value"),
+                       (["group_size=0"], "group_size"), (["loss=1"], "is a table")]:
+        with pytest.raises(ValueError, match=match):
+            load_config(None, bad)
+    f.write_text("steps = [")
+    with pytest.raises(ValueError, match="c.toml"):
+        load_config(f)
+    with pytest.raises(SystemExit):
+        main(["train", "--run-dir", str(tmp_path / "x"), "nonsense=1"])
+
+
+def test_pack_and_micro_batches():
+    trajs = [Trajectory([1, 2, 3], [0, 1, 1], [0.0, -0.5, -0.25]), Trajectory([4, 5], [0, 1], [0.0, -1.0])]
+    b = pack(trajs, "cpu")
+    assert b["ids"].tolist() == [1, 2, 3, 4, 5]
+    assert b["targets"].tolist() == [2, 3, 0, 5, 0]
+    assert b["mask"].tolist() == [1, 1, 0, 1, 0]  # position p carries the loss of token p+1
+    assert b["rollout_logprobs"].tolist() == [-0.5, -0.25, 0.0, -1.0, 0.0]
+    assert b["cu_seqlens"].tolist() == [0, 3, 5] and b["cu_seqlens"].dtype == torch.int32
+    assert micro_batches(trajs * 3, 5) == [[0, 1], [2, 3], [4, 5]]
+    assert micro_batches([Trajectory([0] * 9, [0] * 9, [0.0] * 9)], 4) == [[0]]
