@@ -23,11 +23,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16
     # supervised warm-up on generated demonstrations, then RL
-    sft_steps: int = 150
+    sft_steps: int = 200
     sft_batch: int = 32
     sft_lr: float = 3e-3
-    steps: int = 40
-    lr: float = 5e-4
+    steps: int = 60
+    lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     prompts_per_step: int = 16
@@ -35,7 +35,7 @@ class TrainConfig:
     # rollout
     max_new_tokens: int = 96  # per assistant turn
     max_turns: int = 3
-    temperature: float = 1.0
+    temperature: float = 0.6
     top_p: float = 1.0
     top_k: int = 0
     kv_cache_tokens: int = 65536
@@ -47,7 +47,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     # bookkeeping
     eval_every: int = 5
-    eval_prompts: int = 64
+    eval_prompts: int = 128
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
 

@@ -189,11 +189,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if last is not None else None)
 
     def evaluate(step: int) -> float:
+        """Held-out success of the policy being trained (sampled as in rollouts, same seed every
+        time so evaluations differ by the weights only) and of its greedy decoding."""
         problems = task.sample(random.Random(f"{cfg.seed}-eval"), cfg.eval_prompts, split="eval")
-        _, rewards = rollout(engine, tokenizer, tools, task, problems, cfg, greedy=True, seed=0)
-        rate = sum(rewards) / len(rewards)
-        metrics.write({"step": step, "eval_success_rate": rate})
-        return rate
+        rates = {}
+        for key, greedy in (("eval_success_rate", False), ("eval_greedy_success_rate", True)):
+            _, rewards = rollout(engine, tokenizer, tools, task, problems, cfg, greedy=greedy, seed=cfg.seed + 7)
+            rates[key] = sum(rewards) / len(rewards)
+        metrics.write({"step": step, **rates})
+        return rates["eval_success_rate"]
 
     if not sft_done:
         model.train()

@@ -47,7 +47,7 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 PLOTS = {
     "reward": ["reward_mean"],
-    "success_rate": ["eval_success_rate"],
+    "success_rate": ["eval_success_rate", "eval_greedy_success_rate"],
     "loss": ["loss", "sft_loss"],
     "phase_seconds": ["rollout_s", "train_s", "sync_s"],
     "importance_weights": ["tis_weight_mean", "tis_truncated_frac"],
