@@ -85,3 +85,24 @@ def test_pack_and_micro_batches():
     assert b["cu_seqlens"].tolist() == [0, 3, 5] and b["cu_seqlens"].dtype == torch.int32
     assert micro_batches(trajs * 3, 5) == [[0, 1], [2, 3], [4, 5]]
     assert micro_batches([Trajectory([0] * 9, [0] * 9, [0.0] * 9)], 4) == [[0]]
+
+
+def test_engine_failure_is_recovered_and_counted(tmp_path, monkeypatch):
+    from ossrl.rollout.engine import Engine
+
+    real_step, calls = Engine.step, {"n": 0}
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 3:  # mid-rollout of the first RL step, with requests in flight
+            raise torch.OutOfMemoryError("injected")
+        return real_step(self)
+
+    run = tmp_path / "flaky"
+    args = [a for a in SHORT if not a.startswith(("steps=", "sft_steps="))] + ["steps=1", "sft_steps=0"]
+    monkeypatch.setattr(Engine, "step", flaky)
+    assert main(["train", "--run-dir", str(run), *args]) == 0
+    monkeypatch.setattr(Engine, "step", real_step)
+    records = [r for r in read(run / "metrics.jsonl") if "step" in r]
+    assert [r["step"] for r in records] == [0, 1, 1]  # eval, train step, eval: the run went on
+    assert sum(r["engine_restarts"] for r in records) == 1

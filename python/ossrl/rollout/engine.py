@@ -136,6 +136,16 @@ class Engine:
             self.cache = PagedKVCache(self.num_layers, self.num_blocks, self.block_size, self.kv_heads, self.head_dim,
                                       self.device, self.dtype)
 
+    def reset(self) -> None:
+        """Drops every request and the cache: the way back to a clean engine after a failure
+        (an exception or out-of-memory inside a step). Handles become invalid."""
+        self._waiting, self._running = [], []
+        self._kept.clear()
+        self._reserved = 0
+        self.cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def release_cache(self) -> None:
         """Frees the KV cache (kept sequences are dropped: their handles become invalid)."""
         if self._running or self._waiting:

@@ -121,18 +121,35 @@ def sft_step(model, optimizer, batch: dict, grad_clip: float) -> float:
     return loss.item()
 
 
-def rollout(engine, tokenizer, tools, task, problems, cfg: TrainConfig, *, greedy: bool, seed: int):
+ENGINE_RETRIES = 2
+
+
+def rollout(engine, tokenizer, tools, task, problems, cfg: TrainConfig, *, greedy: bool, seed: int,
+            failures: list | None = None):
+    """Episodes for ``problems`` and their rewards. An exception or out-of-memory inside the engine
+    resets it and re-queues the episodes (same seed, so the retry samples what the first try
+    would have); each failure is appended to ``failures``. Tool failures never get here: they are
+    error messages in the conversation."""
     prompts = [encode_conversation(tokenizer, task.prompt(p), add_generation_prompt=True) for p in problems]
     params = SamplingParams(temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             max_new_tokens=cfg.max_new_tokens)
     was_training = engine.model.training
     engine.model.eval()
-    engine.allocate_cache()
     try:
-        trajs = run_episodes(engine, tokenizer, tools, prompts, params, max_turns=cfg.max_turns,
-                             tool_timeout=cfg.tool_timeout, max_concurrency=cfg.tool_concurrency, seed=seed)
-    finally:
+        for attempt in range(ENGINE_RETRIES + 1):
+            engine.allocate_cache()
+            try:
+                trajs = run_episodes(engine, tokenizer, tools, prompts, params, max_turns=cfg.max_turns,
+                                     tool_timeout=cfg.tool_timeout, max_concurrency=cfg.tool_concurrency, seed=seed)
+                break
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                engine.reset()
+                if failures is not None:
+                    failures.append(f"{type(e).__name__}: {e}")
+                if attempt == ENGINE_RETRIES:
+                    raise
         engine.release_cache()  # the trainer takes the memory back
+    finally:
         engine.model.train(was_training)
     rewards = [task.reward(p, t.final_answer) for p, t in zip(problems, trajs)]
     return trajs, rewards
@@ -192,11 +209,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         """Held-out success of the policy being trained (sampled as in rollouts, same seed every
         time so evaluations differ by the weights only) and of its greedy decoding."""
         problems = task.sample(random.Random(f"{cfg.seed}-eval"), cfg.eval_prompts, split="eval")
-        rates = {}
+        rates, failures = {}, []
         for key, greedy in (("eval_success_rate", False), ("eval_greedy_success_rate", True)):
-            _, rewards = rollout(engine, tokenizer, tools, task, problems, cfg, greedy=greedy, seed=cfg.seed + 7)
+            _, rewards = rollout(engine, tokenizer, tools, task, problems, cfg, greedy=greedy, seed=cfg.seed + 7,
+                                 failures=failures)
             rates[key] = sum(rewards) / len(rewards)
-        metrics.write({"step": step, **rates})
+        metrics.write({"step": step, **rates, "engine_restarts": len(failures)})
         return rates["eval_success_rate"]
 
     if not sft_done:
@@ -219,8 +237,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         t0 = time.perf_counter()
         problems = task.sample(random.Random(f"{cfg.seed}-{step}"), cfg.prompts_per_step)
         group = [p for p in problems for _ in range(cfg.group_size)]
+        failures: list[str] = []
         trajs, rewards = rollout(engine, tokenizer, tools, task, group, cfg, greedy=False,
-                                 seed=cfg.seed * 1_000_003 + step)
+                                 seed=cfg.seed * 1_000_003 + step, failures=failures)
+        for f in failures:
+            log(f"step {step}: rollout engine failed and was reset ({f})")
         t1 = time.perf_counter()
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.group_size,
                                scale=cfg.adv_scale).tolist()
@@ -244,6 +265,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
             "answered_frac": sum(t.final_answer is not None for t in trajs) / len(trajs),
             "max_trajectory_tokens": max(len(t.tokens) for t in trajs),
             "staleness_mean": 0.0,  # every trained token was sampled by the current weights
+            "engine_restarts": len(failures),
         }
         metrics.write(record)
         if step % cfg.eval_every == 0 or step == cfg.steps:
