@@ -235,6 +235,9 @@ class GptOss(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(config)
+        # Recompute each layer in the backward pass instead of keeping its activations: memory
+        # for long trajectories at the cost of one more forward. Set by the trainer.
+        self.activation_checkpointing = False
         self.init_weights()
 
     @torch.no_grad()
@@ -286,8 +289,12 @@ class GptOss(nn.Module):
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         cos, sin = self.rotary(position_ids)
         x = self.model.embed_tokens(input_ids)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen, kv_cache)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen, kv_cache)
         return self.model.norm(x)
 
     def token_logprobs(self, input_ids: Tensor, cu_seqlens: Tensor, targets: Tensor, *,

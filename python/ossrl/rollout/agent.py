@@ -34,16 +34,18 @@ class Trajectory:
 
 def run_episodes(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry, prompts: list[list[int]],
                  params: SamplingParams, *, max_turns: int, tool_timeout: float, max_concurrency: int = 64,
-                 seed: int | None = None) -> list[Trajectory]:
+                 seeds: list[int] | None = None) -> list[Trajectory]:
     """Runs every prompt (token ids ending in ``<|start|>assistant``) to a final answer, a turn limit
-    or the cache limit. ``params.max_new_tokens`` bounds each turn."""
+    or the cache limit. ``params.max_new_tokens`` bounds each turn. seeds: one sampling seed per
+    prompt, so an episode does not depend on which others share its batch (or its process)."""
     params = replace(params, stop_token_ids=tuple(set(params.stop_token_ids) | set(tokenizer.stop_token_ids)))
     trajs = [Trajectory(list(p), [0] * len(p), [0.0] * len(p)) for p in prompts]
     inputs: list = [list(p) for p in prompts]
     active = list(range(len(prompts)))
     for turn in range(max_turns):
         last_turn = turn == max_turns - 1
-        outs = engine.generate(inputs, params, keep=not last_turn, seed=None if seed is None else seed + turn)
+        # later turns resume sequences that keep their own sampling streams
+        outs = engine.generate(inputs, params, keep=not last_turn, seeds=seeds if turn == 0 else None)
         calls, waiting = [], []
         for i, out in zip(active, outs):
             t = trajs[i]

@@ -70,6 +70,7 @@ class _Seq:
     reserved: int = 0  # blocks promised to this sequence (allocated or not)
     limit: int = 0  # total tokens this turn may reach
     keep: bool = False  # keep the cache when finished, for a Resume
+    generator: torch.Generator | None = None  # its own sampling stream (None: the engine's)
     out: Completion | None = None
 
 
@@ -165,7 +166,11 @@ class Engine:
 
     # ---- requests ----
 
-    def add_request(self, prompt: list[int] | Resume, params: SamplingParams, *, keep: bool = False) -> _Seq:
+    def add_request(self, prompt: list[int] | Resume, params: SamplingParams, *, keep: bool = False,
+                    seed: int | None = None) -> _Seq:
+        """Queues a prompt (or a Resume). seed: give this sequence its own sampling stream, so what
+        it samples does not depend on what else is in the batch (a resumed sequence keeps its
+        stream)."""
         if isinstance(prompt, Resume):
             seq = self._kept.pop(prompt.handle, None)
             if seq is None:
@@ -180,6 +185,8 @@ class Engine:
         if any(not 0 <= t < vocab for t in seq.pending):
             raise ValueError(f"Engine: token ids must be in [0, {vocab})")
         seq.params, seq.keep = params, keep
+        if seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
         seq.out = Completion([], [], "length")
         seq.limit = min(seq.cached + len(seq.pending) + params.max_new_tokens, self.capacity_tokens)
         self._waiting.append(seq)
@@ -276,7 +283,7 @@ class Engine:
         finished = []
         if sample_seqs:
             logits = self.model.lm_head(hidden[sample_rows]).float()
-            tokens, logprobs = self._sample(logits, [s.params for s in sample_seqs])
+            tokens, logprobs = self._sample(logits, sample_seqs)
             for seq, tok, lp in zip(sample_seqs, tokens, logprobs):
                 seq.out.tokens.append(tok)
                 seq.out.logprobs.append(lp)
@@ -294,25 +301,35 @@ class Engine:
             self._finish(seq)
         return finished
 
-    def _sample(self, logits: Tensor, params: list[SamplingParams]) -> tuple[list[int], list[float]]:
+    def _sample(self, logits: Tensor, seqs: list[_Seq]) -> tuple[list[int], list[float]]:
         logp = torch.log_softmax(logits, dim=-1)
-        chosen = torch.empty(len(params), dtype=torch.long, device=logits.device)
-        for p in set(params):  # one vectorised draw per distinct parameter set
-            rows = torch.tensor([i for i, q in enumerate(params) if q == p], device=logits.device)
+        chosen = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        shared = {}
+        for i, s in enumerate(seqs):
+            if s.generator is not None:  # its own stream: one draw per row
+                chosen[i:i + 1] = sample_tokens(logits[i:i + 1], s.params, s.generator)
+            else:
+                shared.setdefault(s.params, []).append(i)
+        for p, idx in shared.items():  # one vectorised draw per distinct parameter set
+            rows = torch.tensor(idx, device=logits.device)
             chosen[rows] = sample_tokens(logits[rows], p, self.generator)
         return chosen.tolist(), logp.gather(1, chosen[:, None]).squeeze(1).tolist()
 
     # ---- the simple entry point ----
 
     def generate(self, prompts: list[list[int] | Resume], params: SamplingParams, *, keep: bool = False,
-                 seed: int | None = None, progress=None) -> list[Completion]:
+                 seed: int | None = None, seeds: list[int | None] | None = None, progress=None) -> list[Completion]:
         """Generates a completion for every prompt (token-id lists, or Resume for kept sequences).
 
         keep=True keeps each finished sequence's cache for a later Resume (Completion.handle).
+        seed reseeds the engine's shared sampling stream; seeds gives each prompt its own.
         """
         if seed is not None:
             self.generator.manual_seed(seed)
-        seqs = [self.add_request(p, params, keep=keep) for p in prompts]
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"Engine.generate: {len(seeds)} seeds for {len(prompts)} prompts")
+        seqs = [self.add_request(p, params, keep=keep, seed=seeds[i] if seeds else None)
+                for i, p in enumerate(prompts)]
         while self.has_unfinished():
             done = self.step()
             if progress is not None:

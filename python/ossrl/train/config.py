@@ -44,6 +44,8 @@ class TrainConfig:
     # training
     adv_scale: str = "std"  # std (GRPO) | none (Dr. GRPO)
     micro_batch_tokens: int = 8192
+    activation_checkpointing: bool = False  # recompute each layer in the backward (long trajectories)
+    offload_optimizer: bool = False  # optimizer state in host memory during rollouts (GPU)
     loss: LossConfig = field(default_factory=LossConfig)
     # bookkeeping
     eval_every: int = 5

@@ -33,6 +33,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .loss import group_advantages, policy_loss
 from .metrics import MetricsLog
+from .parallel import DataParallel
 from .tasks import make_task
 
 
@@ -93,6 +94,29 @@ def micro_batches(trajs: list, budget: int) -> list[list[int]]:
 # ---- phases ----
 
 
+@contextlib.contextmanager
+def offloaded(optimizer: torch.optim.Optimizer, enabled: bool):
+    """Moves the optimizer's state to host memory for the duration (the rollout's KV cache gets
+    the room), then back to where it was."""
+    if not enabled:
+        yield
+        return
+    moved = []
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.device.type != "cpu":
+                moved.append((state, k, v.device))
+                state[k] = v.to("cpu", non_blocking=True)
+    if moved and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        for state, k, device in moved:
+            state[k] = state[k].to(device, non_blocking=True)
+
+
 def demonstrations(task, tokenizer, problems) -> list[Trajectory]:
     """The task's demonstration conversations as trajectories (model turns carry the loss)."""
     trajs = []
@@ -111,24 +135,28 @@ def demonstrations(task, tokenizer, problems) -> list[Trajectory]:
     return trajs
 
 
-def sft_step(model, optimizer, batch: dict, grad_clip: float) -> float:
+def sft_step(model, optimizer, batch: dict, grad_clip: float, dp: DataParallel) -> float:
+    """Mean negative log-likelihood of the demonstrations' model turns over the global batch."""
+    device = batch["ids"].device
+    (total,) = dp.sum([batch["mask"].sum().item()], device)
     logp = model.token_logprobs(batch["ids"], batch["cu_seqlens"], batch["targets"], max_seqlen=batch["max_seqlen"])
-    loss = -(logp * batch["mask"]).sum() / batch["mask"].sum().clamp(min=1)
+    loss = -(logp * batch["mask"]).sum() / max(total, 1.0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    dp.sum_grads(model)
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return loss.item()
+    return dp.sum([loss.item()], device)[0]
 
 
 ENGINE_RETRIES = 2
 
 
-def rollout(engine, tokenizer, tools, task, problems, cfg: TrainConfig, *, greedy: bool, seed: int,
+def rollout(engine, tokenizer, tools, task, problems, cfg: TrainConfig, *, greedy: bool, seeds: list[int],
             failures: list | None = None):
     """Episodes for ``problems`` and their rewards. An exception or out-of-memory inside the engine
-    resets it and re-queues the episodes (same seed, so the retry samples what the first try
-    would have); each failure is appended to ``failures``. Tool failures never get here: they are
+    resets it and re-queues the episodes (same seeds, one per episode, so the retry samples what
+    the first try would have); each failure is appended to ``failures``. Tool failures never get here: they are
     error messages in the conversation."""
     prompts = [encode_conversation(tokenizer, task.prompt(p), add_generation_prompt=True) for p in problems]
     params = SamplingParams(temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -140,7 +168,7 @@ def rollout(engine, tokenizer, tools, task, problems, cfg: TrainConfig, *, greed
             engine.allocate_cache()
             try:
                 trajs = run_episodes(engine, tokenizer, tools, prompts, params, max_turns=cfg.max_turns,
-                                     tool_timeout=cfg.tool_timeout, max_concurrency=cfg.tool_concurrency, seed=seed)
+                                     tool_timeout=cfg.tool_timeout, max_concurrency=cfg.tool_concurrency, seeds=seeds)
                 break
             except (RuntimeError, torch.OutOfMemoryError) as e:
                 engine.reset()
@@ -155,10 +183,11 @@ def rollout(engine, tokenizer, tools, task, problems, cfg: TrainConfig, *, greed
     return trajs, rewards
 
 
-def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device) -> dict[str, float]:
+def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp: DataParallel) -> dict[str, float]:
     """One optimizer step on the rollout batch, micro-batched by token count; the loss is the mean
-    over every loss token of the batch (DAPO's token-level aggregation)."""
-    total = sum(sum(t.loss_mask[1:]) for t in trajs) or 1
+    over every loss token of the global batch (DAPO's token-level aggregation)."""
+    (total,) = dp.sum([sum(sum(t.loss_mask[1:]) for t in trajs)], device)
+    total = total or 1
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     loss_value = 0.0
@@ -175,23 +204,34 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device) ->
         loss_value += loss.item() * share
         for k in ("tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl"):
             sums[k] = sums.get(k, 0.0) + st[k] * share
+    dp.sum_grads(model)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
-    return {"loss": loss_value, "grad_norm": float(grad_norm), **sums}
+    keys = ["tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl"]
+    values = dp.sum([loss_value] + [sums.get(k, 0.0) for k in keys], device)
+    return {"loss": values[0], "grad_norm": float(grad_norm), **dict(zip(keys, values[1:]))}
 
 
 # ---- the loop ----
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=print) -> Path:
+    """Runs the loop; under torchrun every process takes an equal slice of each batch (rank 0
+    writes the metrics and checkpoints)."""
+    dp = DataParallel()
+    log = log if dp.main else (lambda *a, **k: None)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
     device, _ = _device_dtype(cfg)
     model, tokenizer = build(cfg)
+    model.activation_checkpointing = cfg.activation_checkpointing
     task = make_task(cfg.task)
     tools = ToolRegistry(builtins=task.tools)
     engine = Engine(model, max_cache_tokens=cfg.kv_cache_tokens, seed=cfg.seed)
+    for n, what in ((cfg.prompts_per_step, "prompts_per_step"), (cfg.sft_batch, "sft_batch"),
+                    (cfg.eval_prompts, "eval_prompts")):
+        dp.bounds(n, what)  # fail early, not at the first step that needs it
 
     start_step, sft_done = 0, False
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
@@ -202,77 +242,104 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         log(f"resumed from {last} (step {start_step})")
     elif resume:
         log(f"--resume: no complete checkpoint in {ckpt_dir}, starting from scratch")
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if last is not None else None)
+    metrics = None
+    if dp.main:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if last is not None else None)
+    write = metrics.write if metrics else (lambda record: None)
+
+    def save(step: int) -> None:
+        if dp.main:
+            checkpoint.save(ckpt_dir, step, model, optimizer, {"sft_done": True}, keep=cfg.keep_checkpoints)
+        dp.barrier()
 
     def evaluate(step: int) -> float:
-        """Held-out success of the policy being trained (sampled as in rollouts, same seed every
-        time so evaluations differ by the weights only) and of its greedy decoding."""
+        """Held-out success of the policy being trained (sampled as in rollouts, the same seeds
+        every time so evaluations differ by the weights only) and of its greedy decoding."""
         problems = task.sample(random.Random(f"{cfg.seed}-eval"), cfg.eval_prompts, split="eval")
-        rates, failures = {}, []
-        for key, greedy in (("eval_success_rate", False), ("eval_greedy_success_rate", True)):
-            _, rewards = rollout(engine, tokenizer, tools, task, problems, cfg, greedy=greedy, seed=cfg.seed + 7,
+        lo, hi = dp.bounds(len(problems), "eval_prompts")
+        seeds = [cfg.seed * 7919 + i for i in range(lo, hi)]
+        sums, failures = [], []
+        for greedy in (False, True):
+            _, rewards = rollout(engine, tokenizer, tools, task, problems[lo:hi], cfg, greedy=greedy, seeds=seeds,
                                  failures=failures)
-            rates[key] = sum(rewards) / len(rewards)
-        metrics.write({"step": step, **rates, "engine_restarts": len(failures)})
-        return rates["eval_success_rate"]
+            sums.append(sum(rewards))
+        sampled, greedy, restarts = dp.sum([*sums, len(failures)], device)
+        write({"step": step, "eval_success_rate": sampled / len(problems),
+               "eval_greedy_success_rate": greedy / len(problems), "engine_restarts": int(restarts)})
+        return sampled / len(problems)
 
     if not sft_done:
         model.train()
-        with tqdm(range(1, cfg.sft_steps + 1), desc="warm-up", disable=cfg.sft_steps == 0, leave=False) as bar:
+        with tqdm(range(1, cfg.sft_steps + 1), desc="warm-up", disable=cfg.sft_steps == 0 or not dp.main,
+                  leave=False) as bar:
             for i in bar:
                 probs = task.sample(random.Random(f"{cfg.seed}-sft-{i}"), cfg.sft_batch)
-                loss = sft_step(model, optimizer, pack(demonstrations(task, tokenizer, probs), device), cfg.grad_clip)
-                metrics.write({"sft_step": i, "sft_loss": loss})
+                lo, hi = dp.bounds(len(probs), "sft_batch")
+                batch = pack(demonstrations(task, tokenizer, probs[lo:hi]), device)
+                loss = sft_step(model, optimizer, batch, cfg.grad_clip, dp)
+                write({"sft_step": i, "sft_loss": loss})
                 bar.set_postfix(loss=f"{loss:.3f}")
         rate = evaluate(0)
         log(f"after warm-up: held-out success rate {rate:.3f}")
-        checkpoint.save(ckpt_dir, 0, model, optimizer, {"sft_done": True}, keep=cfg.keep_checkpoints)
+        save(0)
 
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr
     eval_rate = float("nan")
-    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc="RL", initial=start_step, total=cfg.steps)
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc="RL", initial=start_step, total=cfg.steps,
+               disable=not dp.main)
     for step in bar:
         t0 = time.perf_counter()
         problems = task.sample(random.Random(f"{cfg.seed}-{step}"), cfg.prompts_per_step)
-        group = [p for p in problems for _ in range(cfg.group_size)]
+        lo, hi = dp.bounds(len(problems), "prompts_per_step")
+        group = [p for p in problems[lo:hi] for _ in range(cfg.group_size)]
+        first = lo * cfg.group_size  # global index of this rank's first episode: its sampling seed
+        seeds = [(cfg.seed * 1_000_003 + step) * 65_536 + first + i for i in range(len(group))]
         failures: list[str] = []
-        trajs, rewards = rollout(engine, tokenizer, tools, task, group, cfg, greedy=False,
-                                 seed=cfg.seed * 1_000_003 + step, failures=failures)
+        with offloaded(optimizer, cfg.offload_optimizer):
+            trajs, rewards = rollout(engine, tokenizer, tools, task, group, cfg, greedy=False, seeds=seeds,
+                                     failures=failures)
         for f in failures:
             log(f"step {step}: rollout engine failed and was reset ({f})")
         t1 = time.perf_counter()
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.group_size,
                                scale=cfg.adv_scale).tolist()
         model.train()
-        stats = train_step(model, optimizer, trajs, adv, cfg, device)
+        stats = train_step(model, optimizer, trajs, adv, cfg, device, dp)
         t2 = time.perf_counter()
         # Weight sync: the engine runs the trainer's own modules (same storage): nothing to move.
         sync_s = time.perf_counter() - t2
-        gen_tokens = sum(sum(t.loss_mask) for t in trajs)
+        n = cfg.prompts_per_step * cfg.group_size
+        totals = dp.sum([sum(rewards), sum(sum(t.loss_mask) for t in trajs), sum(len(t.tokens) for t in trajs),
+                         sum(t.turns for t in trajs), sum(t.tool_calls for t in trajs),
+                         sum(t.tool_errors for t in trajs), sum(t.final_answer is not None for t in trajs),
+                         len(failures)], device)
+        reward_sum, gen_tokens, all_tokens, turns, calls, errors, answered, restarts = totals
         record = {
             "step": step,
-            "reward_mean": sum(rewards) / len(rewards),
+            "reward_mean": reward_sum / n,
             **stats,
             "rollout_s": t1 - t0, "train_s": t2 - t1, "sync_s": sync_s, "sync_bytes": 0,
-            "generated_tokens": gen_tokens,
+            "generated_tokens": int(gen_tokens),
             "rollout_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
-            "train_tokens_per_s": sum(len(t.tokens) for t in trajs) / max(t2 - t1, 1e-9),
-            "mean_turns": sum(t.turns for t in trajs) / len(trajs),
-            "tool_calls": sum(t.tool_calls for t in trajs),
-            "tool_errors": sum(t.tool_errors for t in trajs),
-            "answered_frac": sum(t.final_answer is not None for t in trajs) / len(trajs),
+            "train_tokens_per_s": all_tokens / max(t2 - t1, 1e-9),
+            "mean_turns": turns / n,
+            "tool_calls": int(calls),
+            "tool_errors": int(errors),
+            "answered_frac": answered / n,
             "max_trajectory_tokens": max(len(t.tokens) for t in trajs),
             "staleness_mean": 0.0,  # every trained token was sampled by the current weights
-            "engine_restarts": len(failures),
+            "engine_restarts": int(restarts),
+            "processes": dp.world,
         }
-        metrics.write(record)
+        write(record)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             eval_rate = evaluate(step)
         bar.set_postfix(reward=f"{record['reward_mean']:.2f}", eval=f"{eval_rate:.2f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint.save(ckpt_dir, step, model, optimizer, {"sft_done": True}, keep=cfg.keep_checkpoints)
+            save(step)
     bar.close()
-    metrics.close()
+    if metrics:
+        metrics.close()
     return run_dir
