@@ -1,0 +1,68 @@
+// Argument checks of the GPT-OSS expert block, shared by the CPU and CUDA kernels so both
+// accept and reject exactly the same inputs with the same messages. Device-specific checks
+// (which device, and reading order/offsets values, which only the CPU can do without a host
+// synchronisation) stay with each kernel.
+#pragma once
+#include <utility>
+
+#include "ossrl/check.h"
+
+namespace ossrl {
+
+struct ExpertShapes {
+  int64_t T, H, I, E, k;
+};
+
+inline ExpertShapes check_expert_shapes(const at::Tensor& x, const at::Tensor& weights,
+                                        const at::Tensor& order, const at::Tensor& offsets,
+                                        const at::Tensor& w_gate_up, const at::Tensor* b_gate_up,
+                                        const at::Tensor& w_down, const at::Tensor& b_down,
+                                        const char* op) {
+  check_dim(x, 2, op, "x");
+  check_float(x, op, "x");
+  check_dim(weights, 2, op, "routing.weights");
+  check_aux_dtype(weights, x, op, "routing.weights", "x");
+  check_dim(order, 1, op, "routing.order");
+  check_int32(order, op, "routing.order");
+  check_dim(w_gate_up, 3, op, "w_gate_up");
+  check_dim(w_down, 3, op, "w_down");
+  check_dim(b_down, 2, op, "b_down");
+  for (auto [t, name] : {std::pair{&w_gate_up, "w_gate_up"}, {&w_down, "w_down"},
+                         {&b_down, "b_down"}})
+    check_same_dtype(*t, x, op, name, "x");
+  for (auto [t, name] : {std::pair{&weights, "routing.weights"}, {&order, "routing.order"},
+                         {&offsets, "routing.offsets"}, {&w_gate_up, "w_gate_up"},
+                         {&w_down, "w_down"}, {&b_down, "b_down"}})
+    check_same_device(*t, x, op, name, "x");
+
+  ExpertShapes a;
+  a.T = x.size(0);
+  a.H = x.size(1);
+  a.E = w_gate_up.size(0);
+  a.k = weights.size(1);
+  OSSRL_CHECK(weights.size(0) == a.T, op, "routing.weights must be (T, k) with T = x.shape[0] = ",
+              a.T, ", got ", weights.sizes());
+  OSSRL_CHECK(order.size(0) == a.T * a.k, op, "routing.order must have T*k = ", a.T * a.k,
+              " entries, got ", order.size(0));
+  OSSRL_CHECK(w_gate_up.size(1) == a.H && w_gate_up.size(2) % 2 == 0, op,
+              "w_gate_up must be (E, H, 2I) with H = x.shape[1] = ", a.H, ", got ",
+              w_gate_up.sizes());
+  a.I = w_gate_up.size(2) / 2;
+  if (b_gate_up) {  // the backward does not need it
+    check_dim(*b_gate_up, 2, op, "b_gate_up");
+    check_same_dtype(*b_gate_up, x, op, "b_gate_up", "x");
+    check_same_device(*b_gate_up, x, op, "b_gate_up", "x");
+    OSSRL_CHECK(b_gate_up->size(0) == a.E && b_gate_up->size(1) == 2 * a.I, op,
+                "b_gate_up must be (E, 2I) = (", a.E, ", ", 2 * a.I, "), got ",
+                b_gate_up->sizes());
+  }
+  OSSRL_CHECK(w_down.size(0) == a.E && w_down.size(1) == a.I && w_down.size(2) == a.H, op,
+              "w_down must be (E, I, H) = (", a.E, ", ", a.I, ", ", a.H, "), got ",
+              w_down.sizes());
+  OSSRL_CHECK(b_down.size(0) == a.E && b_down.size(1) == a.H, op, "b_down must be (E, H) = (",
+              a.E, ", ", a.H, "), got ", b_down.sizes());
+  check_offsets(offsets, a.E, a.T * a.k, op, "routed rows (T*k)");  // values: on the CPU only
+  return a;
+}
+
+}  // namespace ossrl
