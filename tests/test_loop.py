@@ -10,7 +10,7 @@ import torch
 from ossrl.cli import main
 from ossrl.rollout.agent import Trajectory
 from ossrl.train.config import load_config
-from ossrl.train.loop import micro_batches, pack, train
+from ossrl.train.loop import micro_batches, pack
 from ossrl.train.metrics import read
 
 SHORT = ["sft_steps=25", "steps=4", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=2",
