@@ -173,3 +173,29 @@ def test_activation_checkpointing_and_offload_give_the_same_run(full_run, tmp_pa
     for a, b in zip(ours, ref):
         assert a["reward_mean"] == b["reward_mean"] and a["generated_tokens"] == b["generated_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_bf16_rollout_copy_is_synced_in_place(tmp_path):
+    """With its own bf16 copy, the engine sees every update through the reshard plan, in place."""
+    from ossrl.train import loop
+
+    seen = {}
+    real = loop.rollout_copy
+
+    def spy(model, cfg):
+        copy_, plan = real(model, cfg)
+        seen.update(model=model, copy=copy_, ptrs={n: p.data_ptr() for n, p in copy_.named_parameters()})
+        return copy_, plan
+
+    loop.rollout_copy = spy
+    try:
+        args = [a for a in SHORT if not a.startswith("steps=")] + ["steps=2", "rollout_dtype=bfloat16"]
+        assert main(["train", "--run-dir", str(tmp_path / "bf16"), *args]) == 0
+    finally:
+        loop.rollout_copy = real
+    steps = [r for r in read(tmp_path / "bf16" / "metrics.jsonl") if "reward_mean" in r]
+    n_params = sum(p.numel() for p in seen["model"].parameters())
+    assert [r["sync_bytes"] for r in steps] == [2 * n_params] * 2  # every parameter, as bf16
+    for (name, p), (_, c) in zip(seen["model"].named_parameters(), seen["copy"].named_parameters()):
+        assert c.dtype == torch.bfloat16 and c.data_ptr() == seen["ptrs"][name]
+        assert torch.equal(c, p.detach().to(torch.bfloat16)), name

@@ -39,6 +39,7 @@ class TrainConfig:
     top_p: float = 1.0
     top_k: int = 0
     kv_cache_tokens: int = 65536
+    rollout_dtype: str = "same"  # same: the engine runs the trainer's modules; bfloat16/float32: its own copy
     tool_timeout: float = 5.0
     tool_concurrency: int = 64
     # training
@@ -142,5 +143,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"config key 'device' must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"config key 'dtype' must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.rollout_dtype not in ("same", "float32", "bfloat16"):
+        raise ValueError(f"config key 'rollout_dtype' must be same, float32 or bfloat16, got {cfg.rollout_dtype!r}")
     if cfg.tool_timeout <= 0:
         raise ValueError("config key 'tool_timeout' must be positive")

@@ -15,6 +15,7 @@ resumed run repeats exactly what an uninterrupted one would have done.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import random
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .. import reshard
 from ..model import ByteTokenizer, GptOss, GptOssConfig, load_pretrained, load_tokenizer
 from ..model.harmony import encode_completion, encode_conversation
 from ..rollout.agent import Trajectory, run_episodes
@@ -53,6 +55,22 @@ def build(cfg: TrainConfig):
     else:
         model, tokenizer = load_pretrained(cfg.model, device=device, dtype=dtype), load_tokenizer(cfg.model)
     return model, tokenizer
+
+
+def rollout_copy(model, cfg: TrainConfig):
+    """The engine's model and the plan that syncs it after each optimizer step.
+
+    rollout_dtype="same": the engine runs the trainer's own modules (shared storage, nothing to
+    move). Otherwise the engine gets its own copy in that dtype, refreshed in place by a
+    resharding plan (one fused cast-copy in one process) whose destinations never move.
+    """
+    if cfg.rollout_dtype == "same":
+        return model, None
+    dtype = getattr(torch, cfg.rollout_dtype)
+    copy_ = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    names = [n for n, _ in model.named_parameters()]
+    plan = reshard.build_plan([reshard.cast(n, n) for n in names], model, copy_)
+    return copy_, plan
 
 
 # ---- packing ----
@@ -228,7 +246,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     model.activation_checkpointing = cfg.activation_checkpointing
     task = make_task(cfg.task)
     tools = ToolRegistry(builtins=task.tools)
-    engine = Engine(model, max_cache_tokens=cfg.kv_cache_tokens, seed=cfg.seed)
+    rollout_model, sync_plan = rollout_copy(model, cfg)
+    engine = Engine(rollout_model, max_cache_tokens=cfg.kv_cache_tokens, seed=cfg.seed)
+
+    def sync_weights():
+        return sync_plan.sync(model) if sync_plan is not None else None
     for n, what in ((cfg.prompts_per_step, "prompts_per_step"), (cfg.sft_batch, "sft_batch"),
                     (cfg.eval_prompts, "eval_prompts")):
         dp.bounds(n, what)  # fail early, not at the first step that needs it
@@ -239,6 +261,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     if last is not None:
         state = checkpoint.load(last, model, optimizer)
         start_step, sft_done = state["step"], True
+        sync_weights()
         log(f"resumed from {last} (step {start_step})")
     elif resume:
         log(f"--resume: no complete checkpoint in {ckpt_dir}, starting from scratch")
@@ -280,6 +303,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
                 loss = sft_step(model, optimizer, batch, cfg.grad_clip, dp)
                 write({"sft_step": i, "sft_loss": loss})
                 bar.set_postfix(loss=f"{loss:.3f}")
+        sync_weights()
         rate = evaluate(0)
         log(f"after warm-up: held-out success rate {rate:.3f}")
         save(0)
@@ -308,7 +332,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         model.train()
         stats = train_step(model, optimizer, trajs, adv, cfg, device, dp)
         t2 = time.perf_counter()
-        # Weight sync: the engine runs the trainer's own modules (same storage): nothing to move.
+        # Weight sync into the engine's layout, in place (nothing to move when it shares storage).
+        synced = sync_weights()
         sync_s = time.perf_counter() - t2
         n = cfg.prompts_per_step * cfg.group_size
         totals = dp.sum([sum(rewards), sum(sum(t.loss_mask) for t in trajs), sum(len(t.tokens) for t in trajs),
@@ -320,7 +345,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
             "step": step,
             "reward_mean": reward_sum / n,
             **stats,
-            "rollout_s": t1 - t0, "train_s": t2 - t1, "sync_s": sync_s, "sync_bytes": 0,
+            "rollout_s": t1 - t0, "train_s": t2 - t1, "sync_s": sync_s,
+            "sync_bytes": synced.bytes_moved if synced else 0,
             "generated_tokens": int(gen_tokens),
             "rollout_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
             "train_tokens_per_s": all_tokens / max(t2 - t1, 1e-9),
