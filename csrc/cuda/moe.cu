@@ -1127,22 +1127,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at:
                              const std::optional<at::Tensor>& bias) {
   const char* op = "grouped_gemm";
   check_cuda(x, op, "x");
-  check_dim(x, 2, op, "x");
-  check_dim(w, 3, op, "w");
-  check_float(x, op, "x");
-  check_same_dtype(w, x, op, "w", "x");
-  check_same_device(w, x, op, "w", "x");
-  check_same_device(offsets, x, op, "offsets", "x");
-  OSSRL_CHECK(w.size(1) == x.size(1), op, "w.shape[1] (", w.size(1),
-              ") must equal x.shape[1] (", x.size(1), "): w is (E, K, N) and x is (T, K)");
-  check_offsets(offsets, w.size(0), x.size(0), op);
-  if (bias) {
-    check_dim(*bias, 2, op, "bias");
-    check_same_dtype(*bias, x, op, "bias", "x");
-    check_same_device(*bias, x, op, "bias", "x");
-    OSSRL_CHECK(bias->size(0) == w.size(0) && bias->size(1) == w.size(2), op,
-                "bias must be (E, N) = (", w.size(0), ", ", w.size(2), "), got ", bias->sizes());
-  }
+  check_grouped_gemm(x, w, offsets, bias, op);
   const int64_t T = x.size(0), K = x.size(1), E = w.size(0), N = w.size(2);
   check_int_range(T, op, "x.shape[0]");
   check_int_range(K, op, "x.shape[1]");

@@ -3,11 +3,33 @@
 // (which device, and reading order/offsets values, which only the CPU can do without a host
 // synchronisation) stay with each kernel.
 #pragma once
+#include <optional>
 #include <utility>
 
 #include "ossrl/check.h"
 
 namespace ossrl {
+
+// grouped_gemm(x (T,K), w (E,K,N), offsets (E,), bias (E,N)?).
+inline void check_grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
+                        const std::optional<at::Tensor>& bias, const char* op) {
+  check_dim(x, 2, op, "x");
+  check_dim(w, 3, op, "w");
+  check_float(x, op, "x");
+  check_same_dtype(w, x, op, "w", "x");
+  check_same_device(w, x, op, "w", "x");
+  check_same_device(offsets, x, op, "offsets", "x");
+  OSSRL_CHECK(w.size(1) == x.size(1), op, "w.shape[1] (", w.size(1),
+              ") must equal x.shape[1] (", x.size(1), "): w is (E, K, N) and x is (T, K)");
+  check_offsets(offsets, w.size(0), x.size(0), op);
+  if (bias) {
+    check_dim(*bias, 2, op, "bias");
+    check_same_dtype(*bias, x, op, "bias", "x");
+    check_same_device(*bias, x, op, "bias", "x");
+    OSSRL_CHECK(bias->size(0) == w.size(0) && bias->size(1) == w.size(2), op,
+                "bias must be (E, N) = (", w.size(0), ", ", w.size(2), "), got ", bias->sizes());
+  }
+}
 
 struct ExpertShapes {
   int64_t T, H, I, E, k;
