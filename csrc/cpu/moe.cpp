@@ -109,17 +109,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_dw_cpu(const at::Tensor& x, cons
                                                        const at::Tensor& offsets, bool bias_grad) {
   const char* op = "grouped_gemm_dw";
   check_cpu(x, op, "x");
-  check_dim(x, 2, op, "x");
-  check_dim(dy, 2, op, "dy");
-  check_float(x, op, "x");
-  check_same_dtype(dy, x, op, "dy", "x");
-  check_same_device(dy, x, op, "dy", "x");
-  check_same_device(offsets, x, op, "offsets", "x");
-  OSSRL_CHECK(dy.size(0) == x.size(0), op, "dy must have as many rows as x (", x.size(0),
-              "), got ", dy.size(0));
-  check_dim(offsets, 1, op, "offsets");
-  const int64_t num_experts = offsets.size(0);
-  check_offsets(offsets, num_experts, x.size(0), op);
+  const int64_t num_experts = check_grouped_gemm_dw(x, dy, offsets, op);
   const auto acc = acc_type(x.scalar_type());
   at::Tensor dw = at::empty({num_experts, x.size(1), dy.size(1)}, x.options().dtype(acc));
   at::Tensor db = bias_grad ? at::empty({num_experts, dy.size(1)}, x.options().dtype(acc))

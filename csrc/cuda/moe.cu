@@ -1181,17 +1181,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_dw_cuda(const at::Tensor& x, con
                                                         bool bias_grad) {
   const char* op = "grouped_gemm_dw";
   check_cuda(x, op, "x");
-  check_dim(x, 2, op, "x");
-  check_dim(dy, 2, op, "dy");
-  check_float(x, op, "x");
-  check_same_dtype(dy, x, op, "dy", "x");
-  check_same_device(dy, x, op, "dy", "x");
-  check_same_device(offsets, x, op, "offsets", "x");
-  OSSRL_CHECK(dy.size(0) == x.size(0), op, "dy must have as many rows as x (", x.size(0),
-              "), got ", dy.size(0));
-  check_dim(offsets, 1, op, "offsets");
-  const int64_t E = offsets.size(0);
-  check_offsets(offsets, E, x.size(0), op);
+  const int64_t E = check_grouped_gemm_dw(x, dy, offsets, op);
   const int64_t T = x.size(0), K = x.size(1), N = dy.size(1);
   check_int_range(T, op, "x.shape[0]");
   check_int_range(K, op, "x.shape[1]");

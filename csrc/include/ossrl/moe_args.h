@@ -31,6 +31,22 @@ inline void check_grouped_gemm(const at::Tensor& x, const at::Tensor& w, const a
   }
 }
 
+// grouped_gemm_dw(x (T,K), dy (T,N), offsets (E,)): returns E.
+inline int64_t check_grouped_gemm_dw(const at::Tensor& x, const at::Tensor& dy,
+                                     const at::Tensor& offsets, const char* op) {
+  check_dim(x, 2, op, "x");
+  check_dim(dy, 2, op, "dy");
+  check_float(x, op, "x");
+  check_same_dtype(dy, x, op, "dy", "x");
+  check_same_device(dy, x, op, "dy", "x");
+  check_same_device(offsets, x, op, "offsets", "x");
+  OSSRL_CHECK(dy.size(0) == x.size(0), op, "dy must have as many rows as x (", x.size(0),
+              "), got ", dy.size(0));
+  check_dim(offsets, 1, op, "offsets");
+  check_offsets(offsets, offsets.size(0), x.size(0), op);
+  return offsets.size(0);
+}
+
 struct ExpertShapes {
   int64_t T, H, I, E, k;
 };
