@@ -1,21 +1,43 @@
-"""Multi-turn episodes: generate, run the tool calls the model makes, append their results, resume.
+"""Multi-turn episodes, event-driven: generate, run the tool calls the model makes, append their
+results, resume — each episode at its own pace.
 
 A trajectory is one token stream: the prompt, then alternating model turns (loss mask 1, with
-the rollout engine's log-probs) and tool results plus the next ``<|start|>assistant`` header
-(context, mask 0). Each turn resumes the engine's kept KV cache, so the prefix is never
-recomputed. Tool calls of all trajectories in a turn run concurrently, outside the model's loop;
-a failing or hanging tool becomes an error message in the conversation.
+the rollout engine's log-probs and the policy version that sampled each token) and tool results
+plus the next ``<|start|>assistant`` header (context, mask 0).
+
+The engine runs continuously: when an episode's turn ends in a tool call, its KV cache is kept
+and the call goes to a background event loop (at most ``max_concurrency`` in flight, each with
+its timeout) while every other episode keeps decoding; the result comes back as a ``Resume``
+of the kept cache, so the prefix is never recomputed. A failing or hanging tool becomes an
+error message in the conversation.
+
+No waiting on stragglers: ``advance(..., groups=..., quota=q)`` returns as soon as q groups are
+complete. The other episodes are paused: their engine requests are aborted (KV dropped), the
+tokens and log-probs sampled so far are kept, and the next ``advance`` resumes them by
+recomputing their prefix, generating the rest with whatever weights the engine then has.
+
+Reproducibility: every engine request samples from its own stream, seeded from the episode's
+seed and the request's number, so an episode does not depend on what shares its batch. With
+``reproducible=True`` (the default) a tool result rejoins at the engine step right after the one
+that made the call (the engine waits only for a tool slower than one forward pass), so which
+groups finish first, and hence the whole run, is the same every time; with False results rejoin
+whenever they are ready (no waiting at all, timing-dependent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
+import hashlib
+import threading
 from dataclasses import dataclass, field, replace
 
 from ..model.harmony import encode_conversation, parse_completion, tool_result
 from ..model.tokenizer import Tokenizer
-from .engine import Engine, Resume, SamplingParams
-from .tools import ToolCall, ToolRegistry
+from .engine import Completion, Engine, Resume, SamplingParams
+from .tools import ToolCall, ToolRegistry, ToolResult
+
+CONTEXT = -1  # version of tokens the policy did not sample (prompt, tool results)
 
 
 @dataclass
@@ -23,13 +45,184 @@ class Trajectory:
     tokens: list[int]
     loss_mask: list[int]  # 1 where the policy generated the token
     rollout_logprobs: list[float]  # the engine's log-prob of each generated token, 0 elsewhere
+    versions: list[int] = field(default_factory=list)  # policy version of each sampled token, CONTEXT elsewhere
+    seed: int = 0  # the episode's sampling seed
     final_answer: str | None = None
-    finish: str = "running"  # answer | no_answer | max_turns | rejected
+    finish: str = "running"  # running | answer | no_answer | max_turns | rejected
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
     tool_seconds: float = 0.0
-    messages: list = field(default_factory=list)  # the parsed assistant messages
+    turn_start: int = 0  # where the current model turn's tokens begin
+    requests: int = 0  # engine requests made so far (each samples from its own stream)
+    pauses: int = 0
+    messages: list = field(default_factory=list)  # the parsed assistant messages (not checkpointed)
+
+    @classmethod
+    def start(cls, prompt: list[int], seed: int = 0) -> "Trajectory":
+        n = len(prompt)
+        return cls(list(prompt), [0] * n, [0.0] * n, [CONTEXT] * n, seed=seed, turn_start=n)
+
+    @property
+    def done(self) -> bool:
+        return self.finish != "running"
+
+    def append(self, tokens: list[int], *, sampled: bool, logprobs: list[float] | None = None,
+               version: int = CONTEXT) -> None:
+        self.tokens += tokens
+        self.loss_mask += [int(sampled)] * len(tokens)
+        self.rollout_logprobs += logprobs if sampled else [0.0] * len(tokens)
+        self.versions += [version if sampled else CONTEXT] * len(tokens)
+
+    def to_json(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "messages"}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Trajectory":
+        return cls(**d)
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (episode seed, request number, ...)."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+class _ToolRunner:
+    """An asyncio event loop on a background thread; calls run there, at most max_concurrency at once."""
+
+    def __init__(self, tools: ToolRegistry, max_concurrency: int):
+        self.tools = tools
+        self.loop = asyncio.new_event_loop()
+        self.sem = asyncio.Semaphore(max(1, int(max_concurrency)))  # binds to self.loop on first use
+        self.thread = threading.Thread(target=self.loop.run_forever, name="ossrl-tools", daemon=True)
+        self.thread.start()
+
+    def submit(self, call: ToolCall) -> cf.Future:
+        async def run() -> ToolResult:
+            async with self.sem:
+                return await self.tools.call(call.name, call.arguments, timeout=call.timeout)
+        return asyncio.run_coroutine_threadsafe(run(), self.loop)
+
+    def close(self) -> None:
+        async def cancel_all():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(timeout=60)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=60)
+            self.loop.close()
+
+
+def advance(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry, trajs: list[Trajectory],
+            params: SamplingParams, *, max_turns: int, tool_timeout: float, max_concurrency: int = 64,
+            version: int = 0, groups: list[list[int]] | None = None, quota: int | None = None,
+            reproducible: bool = True) -> list[int]:
+    """Runs the unfinished trajectories (in place) until all are done or, with ``groups`` (lists of
+    indices into ``trajs``) and ``quota``, until ``quota`` groups are all done; the rest are paused.
+    ``params.max_new_tokens`` bounds each model turn; ``version`` tags the tokens sampled now.
+    Returns the indices of the complete groups (of all trajectories when no groups are given)."""
+    if groups is None:
+        groups, quota = [list(range(len(trajs)))], 1
+    quota = len(groups) if quota is None else quota
+    params = replace(params, stop_token_ids=tuple(set(params.stop_token_ids) | set(tokenizer.stop_token_ids)))
+    live: dict[int, object] = {}  # trajectory -> its engine request
+    owner: dict[int, int] = {}  # engine request id -> trajectory
+    kept: dict[int, int] = {}  # trajectory -> engine handle, kept while its tool call runs
+    calls: dict[cf.Future, tuple[int, ToolCall]] = {}
+
+    def submit(i: int, prompt) -> None:
+        t = trajs[i]
+        budget = params.max_new_tokens - (len(t.tokens) - t.turn_start)  # a paused turn goes on where it stopped
+        seq = engine.add_request(prompt, replace(params, max_new_tokens=budget), keep=t.turns + 1 < max_turns,
+                                 seed=stream_seed(t.seed, t.requests))
+        t.requests += 1
+        live[i], owner[seq.id] = seq, i
+
+    def end_turn(i: int, out: Completion) -> None:
+        t = trajs[i]
+        t.append(out.tokens, sampled=True, logprobs=out.logprobs, version=version)
+        if out.finish_reason == "rejected":  # can never fit the cache
+            t.finish = "rejected"
+            return
+        t.turns += 1
+        try:
+            msgs = parse_completion(t.tokens[t.turn_start:], tokenizer)
+        except ValueError:  # the model wrote something that is not harmony
+            msgs = []
+        t.messages += msgs
+        last = msgs[-1] if msgs else None
+        if out.finish_reason == "stop" and last is not None and last.is_tool_call and last.end == "<|call|>" \
+                and t.turns < max_turns:
+            kept[i] = out.handle
+            call = ToolCall(last.tool_name, last.content, timeout=tool_timeout)
+            calls[runner.submit(call)] = (i, call)
+            return
+        if out.handle is not None:
+            engine.release(out.handle)
+        answers = [m for m in msgs if m.channel == "final" and m.end is not None]
+        t.final_answer = answers[-1].content if answers else None
+        if t.final_answer is not None:
+            t.finish = "answer"
+        else:
+            t.finish = "max_turns" if last is not None and last.is_tool_call else "no_answer"
+
+    def absorb(futures, resume: bool) -> None:
+        for fut in sorted(futures, key=lambda f: calls[f][0]):  # a fixed order: request numbers are seeds
+            i, call = calls.pop(fut)
+            res = fut.result()
+            t = trajs[i]
+            t.tool_calls += 1
+            t.tool_errors += not res.ok
+            t.tool_seconds += res.seconds
+            ctx = encode_conversation(tokenizer, [tool_result(call.name, res.content)], add_generation_prompt=True)
+            t.append(ctx, sampled=False)
+            t.turn_start = len(t.tokens)
+            handle = kept.pop(i)
+            if resume:
+                submit(i, Resume(handle, ctx) if handle is not None else t.tokens)
+            elif handle is not None:
+                engine.release(handle)
+
+    def complete() -> list[int]:
+        return [g for g, members in enumerate(groups) if all(trajs[i].done for i in members)]
+
+    runner = _ToolRunner(tools, max_concurrency)
+    try:
+        for i, t in enumerate(trajs):
+            if not t.done:
+                submit(i, t.tokens)  # new, or paused: the prefix is recomputed
+        while len(complete()) < quota and (live or calls):
+            if not reproducible:
+                absorb([f for f in calls if f.done()], resume=True)
+            if live and engine.can_step():
+                for seq in engine.step():
+                    i = owner.pop(seq.id)
+                    del live[i]
+                    end_turn(i, seq.out)
+                if reproducible and calls:
+                    absorb(cf.wait(list(calls))[0], resume=True)
+            elif calls:
+                absorb(cf.wait(list(calls), return_when=cf.FIRST_COMPLETED)[0], resume=True)
+            elif live:
+                raise RuntimeError("rollout: requests wait for cache that nothing will free")
+        # Quota met: pause the stragglers. Their tool calls finish (bounded by the timeout) and
+        # the results join the trajectory; the next advance recomputes the prefix and goes on.
+        if calls:
+            absorb(cf.wait(list(calls))[0], resume=False)
+        for i, seq in list(live.items()):
+            out = engine.abort(seq)
+            trajs[i].append(out.tokens, sampled=True, logprobs=out.logprobs, version=version)
+            trajs[i].pauses += 1
+            del live[i]
+    finally:
+        runner.close()
+    return complete()
 
 
 def run_episodes(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry, prompts: list[list[int]],
@@ -38,55 +231,9 @@ def run_episodes(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry, prom
     """Runs every prompt (token ids ending in ``<|start|>assistant``) to a final answer, a turn limit
     or the cache limit. ``params.max_new_tokens`` bounds each turn. seeds: one sampling seed per
     prompt, so an episode does not depend on which others share its batch (or its process)."""
-    params = replace(params, stop_token_ids=tuple(set(params.stop_token_ids) | set(tokenizer.stop_token_ids)))
-    trajs = [Trajectory(list(p), [0] * len(p), [0.0] * len(p)) for p in prompts]
-    inputs: list = [list(p) for p in prompts]
-    active = list(range(len(prompts)))
-    for turn in range(max_turns):
-        last_turn = turn == max_turns - 1
-        # later turns resume sequences that keep their own sampling streams
-        outs = engine.generate(inputs, params, keep=not last_turn, seeds=seeds if turn == 0 else None)
-        calls, waiting = [], []
-        for i, out in zip(active, outs):
-            t = trajs[i]
-            t.turns += 1
-            t.tokens += out.tokens
-            t.loss_mask += [1] * len(out.tokens)
-            t.rollout_logprobs += out.logprobs
-            try:
-                msgs = parse_completion(out.tokens, tokenizer)
-            except ValueError:  # the model wrote something that is not harmony
-                msgs = []
-            t.messages += msgs
-            last = msgs[-1] if msgs else None
-            if out.finish_reason == "stop" and last is not None and last.is_tool_call and last.end == "<|call|>" \
-                    and not last_turn:
-                calls.append(ToolCall(last.tool_name, last.content, timeout=tool_timeout))
-                waiting.append((i, out.handle))
-                continue
-            if out.handle is not None:
-                engine.release(out.handle)
-            answers = [m for m in msgs if m.channel == "final" and m.end is not None]
-            t.final_answer = answers[-1].content if answers else None
-            if out.finish_reason == "rejected":
-                t.finish = "rejected"
-            elif t.final_answer is not None:
-                t.finish = "answer"
-            else:
-                t.finish = "max_turns" if last is not None and last.is_tool_call else "no_answer"
-        if not calls:
-            break
-        results = asyncio.run(tools.run_calls(calls, max_concurrency=max_concurrency))
-        inputs, active = [], []
-        for (i, handle), call, res in zip(waiting, calls, results):
-            t = trajs[i]
-            t.tool_calls += 1
-            t.tool_errors += not res.ok
-            t.tool_seconds += res.seconds
-            ctx = encode_conversation(tokenizer, [tool_result(call.name, res.content)], add_generation_prompt=True)
-            t.tokens += ctx
-            t.loss_mask += [0] * len(ctx)
-            t.rollout_logprobs += [0.0] * len(ctx)
-            inputs.append(Resume(handle, ctx))
-            active.append(i)
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"run_episodes: {len(seeds)} seeds for {len(prompts)} prompts")
+    trajs = [Trajectory.start(p, seeds[i] if seeds else i) for i, p in enumerate(prompts)]
+    advance(engine, tokenizer, tools, trajs, params, max_turns=max_turns, tool_timeout=tool_timeout,
+            max_concurrency=max_concurrency)
     return trajs

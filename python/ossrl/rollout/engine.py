@@ -47,7 +47,7 @@ class SamplingParams:
 class Completion:
     tokens: list[int]  # generated ids (the stop token included when one ended it)
     logprobs: list[float]  # the model's log-softmax (temperature 1, unfiltered) at each generated id
-    finish_reason: str  # "stop" | "length" | "rejected" (can never fit the cache)
+    finish_reason: str  # "stop" | "length" | "rejected" (can never fit the cache) | "aborted"
     handle: int | None = None  # with keep=True: pass Resume(handle, tokens) to continue
 
 
@@ -128,6 +128,7 @@ class Engine:
         self._running: list[_Seq] = []
         self._kept: dict[int, _Seq] = {}
         self._reserved = 0
+        self._rejected: list[_Seq] = []  # finished by _admit, reported by the next step
         self.stats = {"steps": 0, "forward_tokens": 0, "generated_tokens": 0}
 
     # ---- memory ----
@@ -140,7 +141,7 @@ class Engine:
     def reset(self) -> None:
         """Drops every request and the cache: the way back to a clean engine after a failure
         (an exception or out-of-memory inside a step). Handles become invalid."""
-        self._waiting, self._running = [], []
+        self._waiting, self._running, self._rejected = [], [], []
         self._kept.clear()
         self._reserved = 0
         self.cache = None
@@ -197,6 +198,21 @@ class Engine:
         if seq is not None:
             self._free(seq)
 
+    def abort(self, seq: _Seq) -> Completion:
+        """Stops a queued or running request now and frees its cache; returns what it generated
+        so far (finish_reason "aborted"). The rollout pauses stragglers this way: their tokens
+        and log-probs are kept, their KV is dropped and recomputed when they resume."""
+        if seq in self._running:
+            self._running.remove(seq)
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        else:
+            raise ValueError(f"Engine.abort: request {seq.id} is not queued or running")
+        self._free(seq)
+        seq.pending = []
+        seq.out.finish_reason = "aborted"
+        return seq.out
+
     def _finish(self, seq: _Seq) -> None:
         if seq.keep and seq.out.finish_reason != "rejected":
             self._kept[seq.id] = seq
@@ -220,6 +236,7 @@ class Engine:
                 seq.out.finish_reason = "rejected"
                 seq.pending = []
                 self._finish(seq)
+                self._rejected.append(seq)
                 continue
             need = self._blocks_for(seq.limit) - seq.reserved
             if len(self._running) < self.max_batch and self._reserved + need <= self.num_blocks:
@@ -235,17 +252,25 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._running or self._waiting)
 
-    @torch.no_grad()
-    def step(self) -> list[_Seq]:
-        """One packed forward pass; returns the sequences that finished in it."""
+    def can_step(self) -> bool:
+        """Whether ``step`` would run a forward pass now (admitting what fits first). False with
+        requests waiting means they wait for cache that kept sequences hold."""
         self.allocate_cache()
         self._admit()
+        return bool(self._running or self._rejected)
+
+    @torch.no_grad()
+    def step(self) -> list[_Seq]:
+        """One packed forward pass; returns the sequences that finished in it (rejected ones too)."""
+        self.allocate_cache()
+        self._admit()
+        rejected, self._rejected = self._rejected, []
         if not self._running:
-            if self._waiting:
+            if self._waiting and not rejected:
                 raise RuntimeError(
                     f"Engine: {len(self._waiting)} request(s) cannot be admitted: kept sequences hold "
                     f"{self.num_blocks - len(self.cache.free)} of {self.num_blocks} cache blocks; release() their handles")
-            return []
+            return rejected
         batch, chunks, budget = [], [], self.step_tokens
         for seq in self._running:
             if budget <= 0:
@@ -299,7 +324,7 @@ class Engine:
         for seq in finished:
             self._running.remove(seq)
             self._finish(seq)
-        return finished
+        return rejected + finished
 
     def _sample(self, logits: Tensor, seqs: list[_Seq]) -> tuple[list[int], list[float]]:
         logp = torch.log_softmax(logits, dim=-1)

@@ -71,3 +71,20 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     if optimizer is not None and (path / "optimizer.pt").exists():
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     return state
+
+
+def save_weights(path: Path, module: torch.nn.Module) -> None:
+    """One module's weights as a single safetensors file, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load_weights(path: Path, module: torch.nn.Module) -> None:
+    if not path.exists():
+        raise ValueError(f"{path} is missing: the run cannot resume its KL reference policy")
+    module.load_state_dict(load_file(path), strict=True)

@@ -42,11 +42,19 @@ class TrainConfig:
     rollout_dtype: str = "same"  # same: the engine runs the trainer's modules; bfloat16/float32: its own copy
     tool_timeout: float = 5.0
     tool_concurrency: int = 64
+    # stragglers: each step starts prompts_per_step + extra_groups groups and trains on the groups
+    # complete when prompts_per_step of them are; the others are paused and resumed next step
+    extra_groups: int = 4
+    max_staleness: int = 4  # a carried group sampled more policy versions ago than this is dropped
+    reproducible_rollouts: bool = True  # tool results rejoin at the next engine step (same run every time)
     # training
     adv_scale: str = "std"  # std (GRPO) | none (Dr. GRPO)
     micro_batch_tokens: int = 8192
     activation_checkpointing: bool = False  # recompute each layer in the backward (long trajectories)
     offload_optimizer: bool = False  # optimizer state in host memory during rollouts (GPU)
+    lora_rank: int = 0  # > 0: train LoRA adapters only; the engine runs the same frozen base (one copy)
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated; router and lm_head allowed too
     loss: LossConfig = field(default_factory=LossConfig)
     # bookkeeping
     eval_every: int = 5
@@ -145,5 +153,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"config key 'dtype' must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.rollout_dtype not in ("same", "float32", "bfloat16"):
         raise ValueError(f"config key 'rollout_dtype' must be same, float32 or bfloat16, got {cfg.rollout_dtype!r}")
+    for key in ("extra_groups", "max_staleness", "lora_rank"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.lora_rank:
+        from ..model.lora import ALLOWED_TARGETS
+
+        targets = cfg.lora_targets.split(",")
+        if not targets or any(t not in ALLOWED_TARGETS for t in targets):
+            raise ValueError(f"config key 'lora_targets' must list some of {', '.join(ALLOWED_TARGETS)}, "
+                             f"got {cfg.lora_targets!r}")
+        if cfg.rollout_dtype != "same":
+            raise ValueError("lora_rank > 0 shares the frozen base with the rollout engine: rollout_dtype must be 'same'")
     if cfg.tool_timeout <= 0:
         raise ValueError("config key 'tool_timeout' must be positive")

@@ -1,25 +1,31 @@
 """The colocated loop: supervised warm-up, then rollout -> train -> weight sync, every step.
 
     for step in 1..steps:
-        rollout   multi-turn episodes from the engine (KV cache allocated), tools run concurrently
-        train     KV cache released; trajectories packed without padding through varlen attention
-                  and the MoE kernels; GRPO-family loss with truncated importance sampling
-        sync      the engine reads the trainer's parameters (same storage on one device: nothing
-                  to move)
-        eval      greedy episodes on held-out problems every eval_every steps
+        rollout   groups of multi-turn episodes from the engine (KV cache allocated), tools run
+                  concurrently; the phase ends when the step's quota of groups is complete: the
+                  stragglers are paused (KV dropped, tokens and log-probs kept) and carried over
+        train     KV cache released; the complete groups packed without padding through varlen
+                  attention and the MoE kernels; GRPO-family loss with truncated importance
+                  sampling (which also covers the carried tokens' older policy)
+        sync      the engine gets the new weights in place (nothing to move when it shares the
+                  trainer's modules, LoRA included)
+        eval      held-out episodes every eval_every steps
 
-Everything a step draws (problems, samples) comes from generators seeded by (seed, step), so a
-resumed run repeats exactly what an uninterrupted one would have done.
+Everything a step draws (problems, samples) comes from generators seeded by the run's seed and
+the group's number, and paused episodes are checkpointed, so a resumed run repeats exactly what
+an uninterrupted one would have done.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +34,8 @@ from tqdm import tqdm
 from .. import reshard
 from ..model import ByteTokenizer, GptOss, GptOssConfig, load_pretrained, load_tokenizer
 from ..model.harmony import encode_completion, encode_conversation
-from ..rollout.agent import Trajectory, run_episodes
+from ..model.lora import adapters_disabled, apply_lora
+from ..rollout.agent import CONTEXT, Trajectory, advance, stream_seed
 from ..rollout.engine import Engine, SamplingParams
 from ..rollout.tools import ToolRegistry
 from . import checkpoint
@@ -36,7 +43,8 @@ from .config import TrainConfig
 from .loss import group_advantages, policy_loss
 from .metrics import MetricsLog
 from .parallel import DataParallel
-from .tasks import make_task
+from .tasks import Problem, make_task
+from .utilization import BusyMeter
 
 
 def _device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -54,6 +62,8 @@ def build(cfg: TrainConfig):
         model, tokenizer = GptOss(GptOssConfig.tiny()).to(device), ByteTokenizer()
     else:
         model, tokenizer = load_pretrained(cfg.model, device=device, dtype=dtype), load_tokenizer(cfg.model)
+    if cfg.lora_rank:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
     return model, tokenizer
 
 
@@ -112,6 +122,10 @@ def micro_batches(trajs: list, budget: int) -> list[list[int]]:
 # ---- phases ----
 
 
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 @contextlib.contextmanager
 def offloaded(optimizer: torch.optim.Optimizer, enabled: bool):
     """Moves the optimizer's state to host memory for the duration (the rollout's KV cache gets
@@ -139,17 +153,14 @@ def demonstrations(task, tokenizer, problems) -> list[Trajectory]:
     """The task's demonstration conversations as trajectories (model turns carry the loss)."""
     trajs = []
     for p in problems:
-        toks = encode_conversation(tokenizer, task.prompt(p), add_generation_prompt=True)
-        mask = [0] * len(toks)
+        t = Trajectory.start(encode_conversation(tokenizer, task.prompt(p), add_generation_prompt=True))
         for m in task.demonstration(p):
             if m.role == "assistant":
                 piece = encode_completion(tokenizer, m)
-                mask += [1] * len(piece)
+                t.append(piece, sampled=True, logprobs=[0.0] * len(piece))
             else:
-                piece = encode_conversation(tokenizer, [m], add_generation_prompt=True)
-                mask += [0] * len(piece)
-            toks += piece
-        trajs.append(Trajectory(toks, mask, [0.0] * len(toks)))
+                t.append(encode_conversation(tokenizer, [m], add_generation_prompt=True), sampled=False)
+        trajs.append(t)
     return trajs
 
 
@@ -162,7 +173,7 @@ def sft_step(model, optimizer, batch: dict, grad_clip: float, dp: DataParallel) 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     dp.sum_grads(model)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    torch.nn.utils.clip_grad_norm_(trainable(model), grad_clip)
     optimizer.step()
     return dp.sum([loss.item()], device)[0]
 
@@ -170,26 +181,55 @@ def sft_step(model, optimizer, batch: dict, grad_clip: float, dp: DataParallel) 
 ENGINE_RETRIES = 2
 
 
-def rollout(engine, tokenizer, tools, task, problems, cfg: TrainConfig, *, greedy: bool, seeds: list[int],
-            failures: list | None = None):
-    """Episodes for ``problems`` and their rewards. An exception or out-of-memory inside the engine
-    resets it and re-queues the episodes (same seeds, one per episode, so the retry samples what
-    the first try would have); each failure is appended to ``failures``. Tool failures never get here: they are
-    error messages in the conversation."""
-    prompts = [encode_conversation(tokenizer, task.prompt(p), add_generation_prompt=True) for p in problems]
+@dataclass
+class Group:
+    """The group_size episodes of one problem; its number seeds the problem and the samples."""
+
+    gid: int
+    problem: Problem
+    trajs: list[Trajectory]
+
+    @classmethod
+    def new(cls, gid: int, task, tokenizer, cfg: TrainConfig) -> "Group":
+        problem = task.sample(random.Random(f"{cfg.seed}-group-{gid}"), 1)[0]
+        prompt = encode_conversation(tokenizer, task.prompt(problem), add_generation_prompt=True)
+        return cls(gid, problem, [Trajectory.start(prompt, stream_seed(cfg.seed, gid, j)) for j in range(cfg.group_size)])
+
+    def oldest_version(self) -> int | None:
+        return min((v for t in self.trajs for v in t.versions if v != CONTEXT), default=None)
+
+    def to_json(self) -> dict:
+        return {"gid": self.gid, "problem": dataclasses.asdict(self.problem), "trajs": [t.to_json() for t in self.trajs]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Group":
+        return cls(d["gid"], Problem(**d["problem"]), [Trajectory.from_json(t) for t in d["trajs"]])
+
+
+def rollout(engine, tokenizer, tools, trajs: list[Trajectory], cfg: TrainConfig, *, greedy: bool, version: int = 0,
+            groups: list[list[int]] | None = None, quota: int | None = None, failures: list | None = None) -> list[int]:
+    """Advances ``trajs`` in place (see ``ossrl.rollout.agent.advance``) and returns the complete
+    groups. An exception or out-of-memory inside the engine resets it and retries from the state
+    the trajectories had before (their request numbers are their sampling seeds, so the retry
+    samples what the first try would have); each failure is appended to ``failures``. Tool
+    failures never get here: they are error messages in the conversation."""
     params = SamplingParams(temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             max_new_tokens=cfg.max_new_tokens)
+    before = copy.deepcopy([t.__dict__ for t in trajs])
     was_training = engine.model.training
     engine.model.eval()
     try:
         for attempt in range(ENGINE_RETRIES + 1):
             engine.allocate_cache()
             try:
-                trajs = run_episodes(engine, tokenizer, tools, prompts, params, max_turns=cfg.max_turns,
-                                     tool_timeout=cfg.tool_timeout, max_concurrency=cfg.tool_concurrency, seeds=seeds)
+                done = advance(engine, tokenizer, tools, trajs, params, max_turns=cfg.max_turns,
+                               tool_timeout=cfg.tool_timeout, max_concurrency=cfg.tool_concurrency, version=version,
+                               groups=groups, quota=quota, reproducible=cfg.reproducible_rollouts)
                 break
             except (RuntimeError, torch.OutOfMemoryError) as e:
                 engine.reset()
+                for t, state in zip(trajs, copy.deepcopy(before)):
+                    t.__dict__.update(state)
                 if failures is not None:
                     failures.append(f"{type(e).__name__}: {e}")
                 if attempt == ENGINE_RETRIES:
@@ -197,11 +237,32 @@ def rollout(engine, tokenizer, tools, task, problems, cfg: TrainConfig, *, greed
         engine.release_cache()  # the trainer takes the memory back
     finally:
         engine.model.train(was_training)
-    rewards = [task.reward(p, t.final_answer) for p, t in zip(problems, trajs)]
-    return trajs, rewards
+    return done
 
 
-def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp: DataParallel) -> dict[str, float]:
+def episodes(engine, tokenizer, tools, task, problems, cfg: TrainConfig, *, greedy: bool, seeds: list[int],
+             failures: list | None = None) -> tuple[list[Trajectory], list[float]]:
+    """Every problem run to the end (evaluation): trajectories and rewards."""
+    trajs = [Trajectory.start(encode_conversation(tokenizer, task.prompt(p), add_generation_prompt=True), s)
+             for p, s in zip(problems, seeds)]
+    rollout(engine, tokenizer, tools, trajs, cfg, greedy=greedy, failures=failures)
+    return trajs, [task.reward(p, t.final_answer) for p, t in zip(problems, trajs)]
+
+
+def reference_logprobs(model, ref_model, batch: dict) -> torch.Tensor | None:
+    """Log-probs under the reference policy for the KL penalty: the base model with the adapters
+    switched off in LoRA mode (no extra memory), else a frozen copy of the post-warm-up weights."""
+    with torch.no_grad():
+        if ref_model is None:
+            with adapters_disabled(model):
+                return model.token_logprobs(batch["ids"], batch["cu_seqlens"], batch["targets"],
+                                            max_seqlen=batch["max_seqlen"])
+        return ref_model.token_logprobs(batch["ids"], batch["cu_seqlens"], batch["targets"],
+                                        max_seqlen=batch["max_seqlen"])
+
+
+def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp: DataParallel,
+               ref_model=None) -> dict[str, float]:
     """One optimizer step on the rollout batch, micro-batched by token count; the loss is the mean
     over every loss token of the global batch (DAPO's token-level aggregation)."""
     (total,) = dp.sum([sum(sum(t.loss_mask[1:]) for t in trajs)], device)
@@ -216,14 +277,15 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
             (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).long())
         logp = model.token_logprobs(b["ids"], b["cu_seqlens"], b["targets"], max_seqlen=b["max_seqlen"])
         # One update per rollout batch: the trainer's log-probs before it ARE this forward's.
-        loss, st = policy_loss(logp, logp.detach(), b["rollout_logprobs"], adv, b["mask"], cfg.loss)
+        ref = reference_logprobs(model, ref_model, b) if cfg.loss.kl_coef else None
+        loss, st = policy_loss(logp, logp.detach(), b["rollout_logprobs"], adv, b["mask"], cfg.loss, logp_ref=ref)
         share = st["loss_tokens"] / total
         (loss * share).backward()
         loss_value += loss.item() * share
         for k in ("tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl"):
             sums[k] = sums.get(k, 0.0) + st[k] * share
     dp.sum_grads(model)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip)
     optimizer.step()
     keys = ["tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl"]
     values = dp.sum([loss_value] + [sums.get(k, 0.0) for k in keys], device)
@@ -234,8 +296,8 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=print) -> Path:
-    """Runs the loop; under torchrun every process takes an equal slice of each batch (rank 0
-    writes the metrics and checkpoints)."""
+    """Runs the loop; under torchrun every process takes an equal share of each step's groups
+    (rank 0 writes the metrics and checkpoints)."""
     dp = DataParallel()
     log = log if dp.main else (lambda *a, **k: None)
     run_dir = Path(run_dir)
@@ -248,19 +310,29 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     tools = ToolRegistry(builtins=task.tools)
     rollout_model, sync_plan = rollout_copy(model, cfg)
     engine = Engine(rollout_model, max_cache_tokens=cfg.kv_cache_tokens, seed=cfg.seed)
+    busy = BusyMeter(device)
 
     def sync_weights():
         return sync_plan.sync(model) if sync_plan is not None else None
-    for n, what in ((cfg.prompts_per_step, "prompts_per_step"), (cfg.sft_batch, "sft_batch"),
-                    (cfg.eval_prompts, "eval_prompts")):
+    quota_lo, quota_hi = dp.bounds(cfg.prompts_per_step, "prompts_per_step")
+    extra_lo, extra_hi = dp.bounds(cfg.extra_groups, "extra_groups")
+    quota, extra = quota_hi - quota_lo, extra_hi - extra_lo  # this rank's groups per step
+    for n, what in ((cfg.sft_batch, "sft_batch"), (cfg.eval_prompts, "eval_prompts")):
         dp.bounds(n, what)  # fail early, not at the first step that needs it
 
     start_step, sft_done = 0, False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
+    carry: list[Group] = []  # this rank's unfinished groups, resumed next step
+    next_group = 0  # this rank's groups started so far; group numbers are next_group * world + rank
+    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
     last = checkpoint.latest(ckpt_dir) if resume else None
     if last is not None:
         state = checkpoint.load(last, model, optimizer)
         start_step, sft_done = state["step"], True
+        mine = state.get("ranks", [{}] * dp.world)
+        if len(mine) != dp.world:
+            raise ValueError(f"{last} was written by {len(mine)} processes; resume it with as many, not {dp.world}")
+        carry = [Group.from_json(g) for g in mine[dp.rank].get("carry", [])]
+        next_group = mine[dp.rank].get("next_group", 0)
         sync_weights()
         log(f"resumed from {last} (step {start_step})")
     elif resume:
@@ -272,8 +344,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     write = metrics.write if metrics else (lambda record: None)
 
     def save(step: int) -> None:
+        ranks = dp.gather({"carry": [g.to_json() for g in carry], "next_group": next_group})
         if dp.main:
-            checkpoint.save(ckpt_dir, step, model, optimizer, {"sft_done": True}, keep=cfg.keep_checkpoints)
+            checkpoint.save(ckpt_dir, step, model, optimizer, {"sft_done": True, "ranks": ranks},
+                            keep=cfg.keep_checkpoints)
         dp.barrier()
 
     def evaluate(step: int) -> float:
@@ -284,8 +358,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         seeds = [cfg.seed * 7919 + i for i in range(lo, hi)]
         sums, failures = [], []
         for greedy in (False, True):
-            _, rewards = rollout(engine, tokenizer, tools, task, problems[lo:hi], cfg, greedy=greedy, seeds=seeds,
-                                 failures=failures)
+            _, rewards = episodes(engine, tokenizer, tools, task, problems[lo:hi], cfg, greedy=greedy, seeds=seeds,
+                                  failures=failures)
             sums.append(sum(rewards))
         sampled, greedy, restarts = dp.sum([*sums, len(failures)], device)
         write({"step": step, "eval_success_rate": sampled / len(problems),
@@ -307,6 +381,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         rate = evaluate(0)
         log(f"after warm-up: held-out success rate {rate:.3f}")
         save(0)
+    # The KL reference: the post-warm-up policy (a frozen copy; in LoRA mode the base model itself).
+    ref_model = None
+    if cfg.loss.kl_coef and not cfg.lora_rank:
+        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+        ref_path = ckpt_dir / "reference.safetensors"
+        if last is not None:
+            checkpoint.load_weights(ref_path, ref_model)
+        elif dp.main:
+            checkpoint.save_weights(ref_path, ref_model)
 
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr
@@ -314,39 +397,53 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc="RL", initial=start_step, total=cfg.steps,
                disable=not dp.main)
     for step in bar:
+        version = step - 1  # optimizer steps taken since the warm-up: what the engine holds now
         t0 = time.perf_counter()
-        problems = task.sample(random.Random(f"{cfg.seed}-{step}"), cfg.prompts_per_step)
-        lo, hi = dp.bounds(len(problems), "prompts_per_step")
-        group = [p for p in problems[lo:hi] for _ in range(cfg.group_size)]
-        first = lo * cfg.group_size  # global index of this rank's first episode: its sampling seed
-        seeds = [(cfg.seed * 1_000_003 + step) * 65_536 + first + i for i in range(len(group))]
+        busy.start()
+        # Carried groups first; those sampled too long ago are dropped (their tokens would be too stale).
+        fresh = [g for g in carry if (g.oldest_version() is None or version - g.oldest_version() <= cfg.max_staleness)]
+        dropped = len(carry) - len(fresh)
+        active = fresh + [Group.new((next_group + k) * dp.world + dp.rank, task, tokenizer, cfg)
+                          for k in range(quota + extra - len(fresh))]
+        next_group += len(active) - len(fresh)
+        trajs = [t for g in active for t in g.trajs]
+        members = [list(range(k * cfg.group_size, (k + 1) * cfg.group_size)) for k in range(len(active))]
         failures: list[str] = []
         with offloaded(optimizer, cfg.offload_optimizer):
-            trajs, rewards = rollout(engine, tokenizer, tools, task, group, cfg, greedy=False, seeds=seeds,
-                                     failures=failures)
+            done = rollout(engine, tokenizer, tools, trajs, cfg, greedy=False, version=version, groups=members,
+                           quota=min(quota, len(active)), failures=failures)
         for f in failures:
             log(f"step {step}: rollout engine failed and was reset ({f})")
+        finished = [active[k] for k in done]
+        carry = [g for k, g in enumerate(active) if k not in set(done)]
         t1 = time.perf_counter()
+        trajs = [t for g in finished for t in g.trajs]
+        rewards = [task.reward(g.problem, t.final_answer) for g in finished for t in g.trajs]
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.group_size,
-                               scale=cfg.adv_scale).tolist()
+                               scale=cfg.adv_scale).tolist() if rewards else []
         model.train()
-        stats = train_step(model, optimizer, trajs, adv, cfg, device, dp)
+        stats = train_step(model, optimizer, trajs, adv, cfg, device, dp, ref_model)
         t2 = time.perf_counter()
         # Weight sync into the engine's layout, in place (nothing to move when it shares storage).
         synced = sync_weights()
-        sync_s = time.perf_counter() - t2
-        n = cfg.prompts_per_step * cfg.group_size
-        totals = dp.sum([sum(rewards), sum(sum(t.loss_mask) for t in trajs), sum(len(t.tokens) for t in trajs),
-                         sum(t.turns for t in trajs), sum(t.tool_calls for t in trajs),
-                         sum(t.tool_errors for t in trajs), sum(t.final_answer is not None for t in trajs),
-                         len(failures)], device)
-        reward_sum, gen_tokens, all_tokens, turns, calls, errors, answered, restarts = totals
+        t3 = time.perf_counter()
+        stale = [version - v for t in trajs for v, m in zip(t.versions[1:], t.loss_mask[1:]) if m and v != CONTEXT]
+        totals = dp.sum([len(trajs), sum(rewards), sum(sum(t.loss_mask) for t in trajs),
+                         sum(len(t.tokens) for t in trajs), sum(t.turns for t in trajs),
+                         sum(t.tool_calls for t in trajs), sum(t.tool_errors for t in trajs),
+                         sum(t.final_answer is not None for t in trajs), len(failures), sum(stale), len(stale),
+                         sum(not t.done for g in carry for t in g.trajs), len(carry), dropped], device)
+        (n, reward_sum, gen_tokens, all_tokens, turns, calls, errors, answered, restarts, stale_sum, stale_n,
+         paused, carried, dropped_all) = totals
+        n = max(n, 1)
         record = {
             "step": step,
             "reward_mean": reward_sum / n,
             **stats,
-            "rollout_s": t1 - t0, "train_s": t2 - t1, "sync_s": sync_s,
+            "rollout_s": t1 - t0, "train_s": t2 - t1, "sync_s": t3 - t2,
+            "gpu_busy_frac": busy.stop(),
             "sync_bytes": synced.bytes_moved if synced else 0,
+            "episodes": int(n),
             "generated_tokens": int(gen_tokens),
             "rollout_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
             "train_tokens_per_s": all_tokens / max(t2 - t1, 1e-9),
@@ -354,8 +451,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
             "tool_calls": int(calls),
             "tool_errors": int(errors),
             "answered_frac": answered / n,
-            "max_trajectory_tokens": max(len(t.tokens) for t in trajs),
-            "staleness_mean": 0.0,  # every trained token was sampled by the current weights
+            "max_trajectory_tokens": int(dp.max(max((len(t.tokens) for t in trajs), default=0), device)),
+            "staleness_mean": stale_sum / max(stale_n, 1),  # policy versions between sampling and training
+            "staleness_max": int(dp.max(max(stale, default=0), device)),
+            "paused_episodes": int(paused),  # cut off this step, resumed in the next
+            "carried_groups": int(carried),
+            "dropped_groups": int(dropped_all),  # carried too long (max_staleness)
             "engine_restarts": int(restarts),
             "processes": dp.world,
         }

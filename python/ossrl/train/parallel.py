@@ -41,6 +41,21 @@ class DataParallel:
         dist.all_reduce(t)
         return t.tolist()
 
+    def max(self, value: float, device) -> float:
+        if not self.on:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.on:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def sum_grads(self, model: torch.nn.Module) -> None:
         """One all-reduce over every gradient, flattened into a single buffer."""
         if not self.on:

@@ -1,0 +1,109 @@
+"""LoRA adapters: the math against float64, frozen shared base, reference policy, the LoRA loop."""
+
+import pytest
+import torch
+from torch import nn
+
+from ossrl.cli import main
+from ossrl.model import GptOss, GptOssConfig
+from ossrl.model.lora import LoRALinear, adapters_disabled, apply_lora, lora_parameters, merge_lora
+from ossrl.train.metrics import read
+
+
+def test_lora_linear_matches_float64_merged_weight():
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40)
+    w0 = base.weight.detach().clone()
+    layer = LoRALinear(base, rank=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(7, 24)
+    merged = w0.double() + 2.0 * layer.lora_B.double() @ layer.lora_A.double()
+    want = x.double() @ merged.T + base.bias.double()
+    torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+    layer(x).sum().backward()
+    assert base.weight.grad is None and base.bias.grad is None  # frozen
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+    assert layer.weight is base.weight  # the very same Parameter: same name, same storage
+
+
+def test_apply_lora_freezes_the_base_and_starts_as_the_identity():
+    torch.manual_seed(0)
+    model = GptOss(GptOssConfig.tiny()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (20,))
+    cu = torch.tensor([0, 8, 20], dtype=torch.int32)
+    before = model(ids, cu)
+    names = {n for n, _ in model.named_parameters()}
+    adapted = apply_lora(model, rank=4, targets=("q_proj", "v_proj", "router"))
+    assert len(adapted) == 3 * model.config.num_hidden_layers
+    assert {n for n, _ in model.named_parameters()} - names == {f"{m}.{p}" for m in adapted for p in ("lora_A", "lora_B")}
+    assert [p for p in model.parameters() if p.requires_grad] == lora_parameters(model)
+    assert torch.equal(model(ids, cu), before)  # B = 0
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.1)
+    changed = model(ids, cu)
+    assert not torch.allclose(changed, before)
+    with adapters_disabled(model):
+        assert torch.equal(model(ids, cu), before)
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    torch.testing.assert_close(model(ids, cu), changed, rtol=1e-4, atol=1e-4)
+
+
+def test_apply_lora_bad_input():
+    model = GptOss(GptOssConfig.tiny())
+    with pytest.raises(ValueError, match="rank"):
+        apply_lora(model, 0)
+    with pytest.raises(ValueError, match="targets"):
+        apply_lora(model, 2, targets=("gate_up_proj",))
+    apply_lora(model, 2)
+    with pytest.raises(ValueError, match="already"):
+        apply_lora(model, 2)
+
+
+SHORT = ["sft_steps=10", "steps=2", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=2",
+         "checkpoint_every=2", "max_turns=2", "micro_batch_tokens=1500"]
+
+
+def test_lora_mode_trains_adapters_only_with_one_shared_copy(tmp_path, monkeypatch):
+    from ossrl.train import loop
+
+    seen = {}
+    real = loop.rollout_copy
+
+    def spy(model, cfg):
+        seen["model"] = model
+        seen["base"] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+        copy_, plan = real(model, cfg)
+        seen["engine_model"] = copy_
+        return copy_, plan
+
+    monkeypatch.setattr(loop, "rollout_copy", spy)
+    run = tmp_path / "lora"
+    assert main(["train", "--run-dir", str(run), *SHORT, "lora_rank=4", "loss.kl_coef=0.05"]) == 0
+    model = seen["model"]
+    assert seen["engine_model"] is model  # the engine runs the same modules: one copy of the base
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            assert p.requires_grad
+        else:
+            assert not p.requires_grad and torch.equal(p, seen["base"][n]), n
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
+    steps = [r for r in read(run / "metrics.jsonl") if "reward_mean" in r]
+    assert [r["sync_bytes"] for r in steps] == [0, 0]
+    assert all(r["kl"] > 0 for r in steps)  # the reference is the base: the warm-up moved the adapters
+    with pytest.raises(SystemExit):
+        main(["train", "--run-dir", str(tmp_path / "x"), "lora_rank=4", "rollout_dtype=bfloat16"])
+
+
+def test_kl_reference_is_the_post_warm_up_policy_and_survives_resume(tmp_path):
+    run = tmp_path / "kl"
+    assert main(["train", "--run-dir", str(run), *SHORT, "loss.kl_coef=0.1"]) == 0
+    steps = [r for r in read(run / "metrics.jsonl") if "reward_mean" in r]
+    assert steps[0]["kl"] == 0.0  # the first RL step's policy is the reference
+    assert steps[1]["kl"] > 0.0
+    assert (run / "checkpoints" / "reference.safetensors").exists()
+    more = [a if not a.startswith("steps=") else "steps=3" for a in SHORT]
+    assert main(["train", "--run-dir", str(run), "--resume", *more, "loss.kl_coef=0.1"]) == 0
+    assert [r["step"] for r in read(run / "metrics.jsonl") if "reward_mean" in r] == [1, 2, 3]
