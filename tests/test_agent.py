@@ -87,3 +87,115 @@ def test_engine_abort_returns_partial_output_and_frees_the_cache():
     assert not engine.has_unfinished() and len(engine.cache.free) == engine.num_blocks
     with pytest.raises(ValueError, match="not queued or running"):
         engine.abort(seq)
+
+
+# ---- tool calls, with a scripted engine (a random model never calls a tool) ----
+
+
+class _Scripted:
+    """Stands in for Engine: episode e (its prompt starts with token 1000+e) writes the turns of
+    script[e], one token per step; a Resume starts the next turn, a re-sent prompt after a pause
+    goes on where the turn stopped."""
+
+    def __init__(self, script):
+        self.script, self.state, self.running, self.kept, self.ids = script, {}, [], {}, 0
+
+    def add_request(self, prompt, params, *, keep=False, seed=None):
+        from ossrl.rollout.engine import Completion, Resume
+
+        if isinstance(prompt, Resume):
+            e = self.kept.pop(prompt.handle)
+            self.state[e] = [self.state[e][0] + 1, 0]
+        else:
+            e = prompt[0] - 1000
+            turn, pos = self.state.setdefault(e, [0, 0])
+            if pos == len(self.script[e][turn]):  # paused between turns: the tool result is in the prompt
+                self.state[e] = [turn + 1, 0]
+        self.ids += 1
+        seq = type("Seq", (), {"id": self.ids, "e": e, "keep": keep, "out": Completion([], [], "length")})()
+        self.running.append(seq)
+        return seq
+
+    def can_step(self):
+        return bool(self.running)
+
+    def step(self):
+        done = []
+        for seq in list(self.running):
+            turn, pos = self.state[seq.e]
+            seq.out.tokens.append(self.script[seq.e][turn][pos])
+            seq.out.logprobs.append(-0.5)
+            self.state[seq.e][1] = pos + 1
+            if pos + 1 == len(self.script[seq.e][turn]):
+                seq.out.finish_reason = "stop"
+                if seq.keep:
+                    seq.out.handle = seq.id
+                    self.kept[seq.id] = seq.e
+                self.running.remove(seq)
+                done.append(seq)
+        return done
+
+    def abort(self, seq):
+        self.running.remove(seq)
+        seq.out.finish_reason = "aborted"
+        return seq.out
+
+    def release(self, handle):
+        self.kept.pop(handle, None)
+
+
+def _turn(tok, content, **kw):
+    from ossrl.model.harmony import Message, encode_completion
+
+    return encode_completion(tok, Message("assistant", content, **kw))
+
+
+def _tools():
+    import time
+
+    reg = ToolRegistry(builtins=("calculator",))
+    reg.register("slow", lambda text="": (time.sleep(0.3), f"slept {text}")[1], description="sleeps",
+                 parameters_schema={"type": "object", "properties": {"text": {"type": "string"}}},
+                 raw_argument="text")
+    return reg
+
+
+def test_tool_calls_rejoin_and_stragglers_pause_mid_turn():
+    tok = ByteTokenizer()
+    call = _turn(tok, "2+3", channel="commentary", recipient="functions.calculator")
+    answer = _turn(tok, "5", channel="final")
+    long_answer = _turn(tok, "a long answer " * 8, channel="final")
+    engine = _Scripted({0: [call, answer], 1: [long_answer]})
+    trajs = [Trajectory.start([1000 + e, 7, 8], seed=e) for e in range(2)]
+    # reproducible: the result rejoins at the next step, however long the call took
+    kw = dict(max_turns=3, tool_timeout=5.0, reproducible=True)
+    params = SamplingParams(temperature=1.0, max_new_tokens=500)
+    done = advance(engine, tok, _tools(), trajs, params, groups=[[0], [1]], quota=1, **kw)
+    fast, slow = trajs
+    assert done == [0] and fast.finish == "answer" and fast.final_answer == "5"
+    assert fast.tool_calls == 1 and fast.tool_errors == 0 and fast.turns == 2
+    assert "5" in tok.decode(fast.tokens[3 + len(call):len(fast.tokens) - len(answer)])  # the tool's result
+    assert fast.loss_mask == [0] * 3 + [1] * len(call) + [0] * (len(fast.tokens) - 3 - len(call) - len(answer)) + [1] * len(answer)
+    assert not slow.done and slow.pauses == 1 and 0 < len(slow.tokens) - 3 < len(long_answer)
+    assert slow.tokens[3:] == long_answer[:len(slow.tokens) - 3]
+    done = advance(engine, tok, _tools(), trajs, params, groups=[[0], [1]], version=1, **kw)
+    assert done == [0, 1] and slow.tokens[3:] == long_answer and slow.final_answer.startswith("a long answer")
+    assert slow.versions[3] == 0 and slow.versions[-1] == 1
+
+
+def test_a_pause_during_a_tool_call_keeps_its_result():
+    tok = ByteTokenizer()
+    call = _turn(tok, "zz", channel="commentary", recipient="functions.slow")
+    answer = _turn(tok, "done", channel="final")
+    engine = _Scripted({0: [call, answer], 1: [_turn(tok, "x" * 3 * len(call), channel="final")]})
+    trajs = [Trajectory.start([1000 + e, 7], seed=e) for e in range(2)]
+    kw = dict(max_turns=3, tool_timeout=5.0, groups=[[0], [1]])
+    params = SamplingParams(temperature=1.0, max_new_tokens=500)
+    # episode 1 answers (after episode 0's call, without waiting for its result) while the slow
+    # tool still runs: the quota is met
+    assert advance(engine, tok, _tools(), trajs, params, quota=1, reproducible=False, **kw) == [1]
+    t = trajs[0]
+    assert not t.done and t.tool_calls == 1 and "slept zz" in tok.decode(t.tokens[1:])
+    assert t.turn_start == len(t.tokens) and not engine.kept  # result appended, KV released
+    assert advance(engine, tok, _tools(), trajs, params, **kw) == [0, 1]
+    assert t.final_answer == "done" and t.tokens[-len(answer):] == answer
