@@ -30,7 +30,7 @@ from ossrl.model.harmony import encode_conversation, parse_completion, tool_resu
 from ossrl.rollout.engine import Engine
 from ossrl.rollout.tools import ToolCall, ToolRegistry
 from ossrl.train.config import load_config
-from ossrl.train.loop import build, demonstrations, pack, rollout, sft_step, train_step
+from ossrl.train.loop import build, demonstrations, episodes, pack, sft_step, train_step
 from ossrl.train.loss import group_advantages, policy_loss
 from ossrl.train.parallel import DataParallel
 from ossrl.train.tasks import make_task
@@ -148,8 +148,9 @@ def main():
     engine = Engine(model, max_cache_tokens=cfg.kv_cache_tokens)
     torch.manual_seed(0)
 
-    r_s, (trajs, rewards) = timed(lambda: rollout(engine, tok, tools, task, group, cfg, greedy=False,
-                                                  seeds=list(range(len(group)))), device)
+    # the whole batch to the end (no over-provisioning): the same episodes as the common way runs
+    r_s, (trajs, rewards) = timed(lambda: episodes(engine, tok, tools, task, group, cfg, greedy=False,
+                                                   seeds=list(range(len(group)))), device)
     adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.group_size).tolist()
     model.train()
     t_s, _ = timed(lambda: train_step(model, opt, trajs, adv, cfg, device, dp), device)

@@ -123,15 +123,19 @@ def _dp_worker(rank, world, port, run_dir, args, results):
             torch.distributed.destroy_process_group()
 
 
-def test_two_process_gloo_run_matches_one_process(tmp_path):
+@pytest.mark.parametrize("parallel", ["dp", "fsdp"])
+def test_two_process_gloo_run_matches_one_process(tmp_path, parallel):
     """Two ranks, each with half of every batch and gradients summed, compute what one process
-    computes on the same global batch: same samples, rewards and (to rounding) losses."""
+    computes on the same global batch: same samples, rewards and (to rounding) losses; with the
+    model replicated (dp) or sharded by FSDP2 (the engine then runs a replica synced from the
+    shards)."""
     import torch.multiprocessing as mp
 
     args = ["sft_steps=6", "steps=2", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=2",
             "checkpoint_every=2", "max_turns=2", "sft_batch=8",
             "extra_groups=0"]  # every group runs to the end: which ones finish first depends on the batch
     assert main(["train", "--run-dir", str(tmp_path / "one"), *args]) == 0
+    args.append(f"parallel={parallel}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -159,6 +163,14 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a, b)
     assert [r["processes"] for r in two if "reward_mean" in r] == [2, 2]
+    # the checkpoints hold the same full weights under the same names
+    from safetensors.torch import load_file
+
+    w1 = load_file(tmp_path / "one" / "checkpoints" / "step_00000002" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
     assert all(r["generated_tokens"] > 0 for r in two if "reward_mean" in r)
     sft = [r["sft_loss"] for r in two if "sft_loss" in r]
     assert len(sft) == 6 and sft[-1] < sft[0]
@@ -183,10 +195,10 @@ def test_bf16_rollout_copy_is_synced_in_place(tmp_path):
     seen = {}
     real = loop.rollout_copy
 
-    def spy(model, cfg):
-        copy_, plan = real(model, cfg)
+    def spy(model, cfg, **kw):
+        copy_ = real(model, cfg, **kw)
         seen.update(model=model, copy=copy_, ptrs={n: p.data_ptr() for n, p in copy_.named_parameters()})
-        return copy_, plan
+        return copy_
 
     loop.rollout_copy = spy
     try:

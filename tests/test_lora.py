@@ -72,12 +72,12 @@ def test_lora_mode_trains_adapters_only_with_one_shared_copy(tmp_path, monkeypat
     seen = {}
     real = loop.rollout_copy
 
-    def spy(model, cfg):
+    def spy(model, cfg, **kw):
         seen["model"] = model
         seen["base"] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
-        copy_, plan = real(model, cfg)
+        copy_ = real(model, cfg, **kw)
         seen["engine_model"] = copy_
-        return copy_, plan
+        return copy_
 
     monkeypatch.setattr(loop, "rollout_copy", spy)
     run = tmp_path / "lora"

@@ -27,17 +27,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+def save(ckpt_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict | None,
          state: dict[str, Any], keep: int = 2) -> Path:
+    """model_state: full (unsharded) tensors by name; optimizer_state: anything torch.save takes."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
     tmp = ckpt_dir / f".tmp-{PREFIX}{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
     save_file(tensors, tmp / "model.safetensors")
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -62,15 +63,19 @@ def latest(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def load(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict | None]:
+    """(loop state, model tensors, optimizer state or None) of a complete checkpoint."""
     state = json.loads((path / "state.json").read_text())
     tensors = load_file(path / "model.safetensors")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if optimizer is not None and (path / "optimizer.pt").exists():
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return state
+    optim = torch.load(path / "optimizer.pt", weights_only=True) if (path / "optimizer.pt").exists() else None
+    return state, tensors, optim
+
+
+def check_names(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    have, want = set(tensors), set(model.state_dict())
+    if have != want:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {sorted(want - have)[:5]}, "
+                         f"unexpected {sorted(have - want)[:5]}")
 
 
 def save_weights(path: Path, module: torch.nn.Module) -> None:

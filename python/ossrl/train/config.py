@@ -50,6 +50,7 @@ class TrainConfig:
     # training
     adv_scale: str = "std"  # std (GRPO) | none (Dr. GRPO)
     micro_batch_tokens: int = 8192
+    parallel: str = "dp"  # under torchrun: dp (every rank holds the model) | fsdp (FSDP2 shards)
     activation_checkpointing: bool = False  # recompute each layer in the backward (long trajectories)
     offload_optimizer: bool = False  # optimizer state in host memory during rollouts (GPU)
     lora_rank: int = 0  # > 0: train LoRA adapters only; the engine runs the same frozen base (one copy)
@@ -165,5 +166,10 @@ def validate(cfg: TrainConfig) -> None:
                              f"got {cfg.lora_targets!r}")
         if cfg.rollout_dtype != "same":
             raise ValueError("lora_rank > 0 shares the frozen base with the rollout engine: rollout_dtype must be 'same'")
+    if cfg.parallel not in ("dp", "fsdp"):
+        raise ValueError(f"config key 'parallel' must be dp or fsdp, got {cfg.parallel!r}")
+    if cfg.parallel == "fsdp" and (cfg.lora_rank or cfg.loss.kl_coef):
+        raise ValueError("parallel = 'fsdp' supports full fine-tuning without a KL reference for now "
+                         "(use parallel = 'dp' for lora_rank or loss.kl_coef)")
     if cfg.tool_timeout <= 0:
         raise ValueError("config key 'tool_timeout' must be positive")

@@ -42,7 +42,8 @@ from . import checkpoint
 from .config import TrainConfig
 from .loss import group_advantages, policy_loss
 from .metrics import MetricsLog
-from .parallel import DataParallel
+from .fsdp import padding_pass
+from .parallel import DataParallel, make_parallel
 from .tasks import Problem, make_task
 from .utilization import BusyMeter
 
@@ -67,20 +68,23 @@ def build(cfg: TrainConfig):
     return model, tokenizer
 
 
-def rollout_copy(model, cfg: TrainConfig):
-    """The engine's model and the plan that syncs it after each optimizer step.
+def rollout_copy(model, cfg: TrainConfig, *, replica: bool = False):
+    """The engine's model. rollout_dtype="same" (and no ``replica`` asked for): the trainer's own
+    modules (shared storage, nothing to move). Otherwise a copy in that dtype, made before the
+    trainer is sharded and refreshed in place after every step by :func:`sync_plan`."""
+    if cfg.rollout_dtype == "same" and not replica:
+        return model
+    dtype = next(model.parameters()).dtype if cfg.rollout_dtype == "same" else getattr(torch, cfg.rollout_dtype)
+    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
 
-    rollout_dtype="same": the engine runs the trainer's own modules (shared storage, nothing to
-    move). Otherwise the engine gets its own copy in that dtype, refreshed in place by a
-    resharding plan (one fused cast-copy in one process) whose destinations never move.
-    """
-    if cfg.rollout_dtype == "same":
-        return model, None
-    dtype = getattr(torch, cfg.rollout_dtype)
-    copy_ = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+
+def sync_plan(model, engine_model):
+    """The resharding plan from the trainer's parameters (plain or FSDP2 shards) into the engine's
+    copy: one fused cast-copy per bucket, destinations that never move; None when shared."""
+    if engine_model is model:
+        return None
     names = [n for n, _ in model.named_parameters()]
-    plan = reshard.build_plan([reshard.cast(n, n) for n in names], model, copy_)
-    return copy_, plan
+    return reshard.build_plan([reshard.cast(n, n) for n in names], model, engine_model)
 
 
 # ---- packing ----
@@ -168,11 +172,12 @@ def sft_step(model, optimizer, batch: dict, grad_clip: float, dp: DataParallel) 
     """Mean negative log-likelihood of the demonstrations' model turns over the global batch."""
     device = batch["ids"].device
     (total,) = dp.sum([batch["mask"].sum().item()], device)
-    logp = model.token_logprobs(batch["ids"], batch["cu_seqlens"], batch["targets"], max_seqlen=batch["max_seqlen"])
-    loss = -(logp * batch["mask"]).sum() / max(total, 1.0)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    dp.sum_grads(model)
+    for _ in dp.passes(model, 1):
+        logp = model.token_logprobs(batch["ids"], batch["cu_seqlens"], batch["targets"], max_seqlen=batch["max_seqlen"])
+        loss = -(logp * batch["mask"]).sum() / max(total, 1.0)
+        loss.backward()
+    dp.reduce_grads(model)
     torch.nn.utils.clip_grad_norm_(trainable(model), grad_clip)
     optimizer.step()
     return dp.sum([loss.item()], device)[0]
@@ -270,7 +275,12 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     loss_value = 0.0
-    for idx in micro_batches(trajs, cfg.micro_batch_tokens):
+    batches = micro_batches(trajs, cfg.micro_batch_tokens)
+    for k in dp.passes(model, len(batches)):
+        if k is None:  # FSDP: as many passes as the busiest rank, these add zeros
+            padding_pass(model)
+            continue
+        idx = batches[k]
         b = pack([trajs[i] for i in idx], device)
         adv = torch.repeat_interleave(
             torch.tensor([advantages[i] for i in idx], dtype=torch.float32, device=device),
@@ -284,8 +294,9 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
         loss_value += loss.item() * share
         for k in ("tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl"):
             sums[k] = sums.get(k, 0.0) + st[k] * share
-    dp.sum_grads(model)
+    dp.reduce_grads(model)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     optimizer.step()
     keys = ["tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl"]
     values = dp.sum([loss_value] + [sums.get(k, 0.0) for k in keys], device)
@@ -298,7 +309,7 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=print) -> Path:
     """Runs the loop; under torchrun every process takes an equal share of each step's groups
     (rank 0 writes the metrics and checkpoints)."""
-    dp = DataParallel()
+    dp = make_parallel(cfg.parallel)
     log = log if dp.main else (lambda *a, **k: None)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -308,12 +319,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     model.activation_checkpointing = cfg.activation_checkpointing
     task = make_task(cfg.task)
     tools = ToolRegistry(builtins=task.tools)
-    rollout_model, sync_plan = rollout_copy(model, cfg)
-    engine = Engine(rollout_model, max_cache_tokens=cfg.kv_cache_tokens, seed=cfg.seed)
+    engine_model = rollout_copy(model, cfg, replica=dp.sharded)
+    model = dp.prepare(model)
+    plan = sync_plan(model, engine_model)
+    engine = Engine(engine_model, max_cache_tokens=cfg.kv_cache_tokens, seed=cfg.seed)
     busy = BusyMeter(device)
 
     def sync_weights():
-        return sync_plan.sync(model) if sync_plan is not None else None
+        return plan.sync(model) if plan is not None else None
     quota_lo, quota_hi = dp.bounds(cfg.prompts_per_step, "prompts_per_step")
     extra_lo, extra_hi = dp.bounds(cfg.extra_groups, "extra_groups")
     quota, extra = quota_hi - quota_lo, extra_hi - extra_lo  # this rank's groups per step
@@ -326,7 +339,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     optimizer = torch.optim.AdamW(trainable(model), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
     last = checkpoint.latest(ckpt_dir) if resume else None
     if last is not None:
-        state = checkpoint.load(last, model, optimizer)
+        state, tensors, optim = checkpoint.load(last)
+        checkpoint.check_names(last, model, tensors)
+        dp.load_state_dicts(model, optimizer, tensors, optim)
         start_step, sft_done = state["step"], True
         mine = state.get("ranks", [{}] * dp.world)
         if len(mine) != dp.world:
@@ -345,8 +360,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
 
     def save(step: int) -> None:
         ranks = dp.gather({"carry": [g.to_json() for g in carry], "next_group": next_group})
+        tensors, optim = dp.state_dicts(model, optimizer)  # collective under FSDP
         if dp.main:
-            checkpoint.save(ckpt_dir, step, model, optimizer, {"sft_done": True, "ranks": ranks},
+            checkpoint.save(ckpt_dir, step, tensors, optim, {"sft_done": True, "ranks": ranks},
                             keep=cfg.keep_checkpoints)
         dp.barrier()
 

@@ -1,8 +1,13 @@
 """Data parallelism over torch.distributed (gloo on CPUs, NCCL on GPUs), launched by torchrun.
 
-Every rank holds the whole model (the rollout engine runs on it), takes an equal slice of each
-step's prompts, and the gradients are summed across ranks before the optimizer step, so N ranks
-compute what one process computes on the same global batch.
+Every rank takes an equal share of each step's groups, and gradients are summed across ranks
+before the optimizer step, so N ranks compute what one process computes on the same global
+batch. Two ways to hold the trainer's weights:
+
+- ``DataParallel``: every rank holds the whole model (the rollout engine may run on it);
+- ``FullyShardedDataParallel``: FSDP2, every rank holds 1/N of each parameter
+  (``ossrl.train.fsdp``); the engine gets its own full replica, refreshed in place from the
+  shards by a reshard plan after every optimizer step.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch.distributed as dist
 
 
 class DataParallel:
+    sharded = False
+
     def __init__(self):
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -71,3 +78,62 @@ class DataParallel:
     def barrier(self) -> None:
         if self.on:
             dist.barrier()
+
+    # ---- what the loop calls, the same for both ways ----
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def passes(self, model: torch.nn.Module, n: int):
+        """Indices of this rank's n micro-batches, then None for padding passes where a way needs
+        every rank to run as many forward/backward passes as the busiest one."""
+        return iter(range(n))
+
+    def reduce_grads(self, model: torch.nn.Module) -> None:
+        self.sum_grads(model)
+
+    def state_dicts(self, model, optimizer) -> tuple[dict, dict]:
+        """Full model tensors and optimizer state for a checkpoint (rank 0 writes them)."""
+        return model.state_dict(), optimizer.state_dict()
+
+    def load_state_dicts(self, model, optimizer, tensors: dict, optim: dict | None) -> None:
+        model.load_state_dict(tensors)
+        if optim is not None:
+            optimizer.load_state_dict(optim)
+
+
+class FullyShardedDataParallel(DataParallel):
+    sharded = True
+
+    def __init__(self):
+        super().__init__()
+        if not self.on:
+            raise ValueError("parallel = 'fsdp' needs several processes (torchrun --nproc-per-node N)")
+
+    def prepare(self, model):
+        from .fsdp import shard_model
+
+        return shard_model(model)
+
+    def passes(self, model, n):
+        from .fsdp import equal_micro_batches, sync_on_last
+
+        for i in sync_on_last(model, equal_micro_batches(n)):
+            yield i if i < n else None
+
+    def reduce_grads(self, model):
+        pass  # reduce-scattered by FSDP in the last backward
+
+    def state_dicts(self, model, optimizer):
+        from .fsdp import full_state_dicts
+
+        return full_state_dicts(model, optimizer)
+
+    def load_state_dicts(self, model, optimizer, tensors, optim):
+        from .fsdp import load_full_state_dicts
+
+        load_full_state_dicts(model, optimizer, tensors, optim or {})
+
+
+def make_parallel(kind: str) -> DataParallel:
+    return FullyShardedDataParallel() if kind == "fsdp" else DataParallel()

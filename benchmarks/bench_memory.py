@@ -1,0 +1,147 @@
+"""The longest trajectory one training step takes, per memory mode.
+
+Modes: full fine-tuning, + activation checkpointing, LoRA (frozen base, adapters only), LoRA +
+activation checkpointing. A step is what the loop does with one trajectory: chunked token
+log-probs, the GRPO loss, backward, AdamW.
+
+On a GPU the search is direct: lengths double until a step runs out of memory, then bisect; the
+peak (torch.cuda.max_memory_allocated) is printed for each length that fit. On the CPU nothing
+runs out within minutes, so the peak resident memory of one step is measured at a few lengths
+(each in a fresh process), a line is fitted, and the longest trajectory under --budget-gb is
+extrapolated from it (reported as such).
+
+    python benchmarks/bench_memory.py                       # tiny model, CPU
+    python benchmarks/bench_memory.py --model /path/to/gpt-oss-20b --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+MODES = {"full": (False, 0), "full+ckpt": (True, 0), "lora": (False, 16), "lora+ckpt": (True, 16)}
+
+
+def build(model_path: str, device: str, lora_rank: int, ckpt: bool):
+    from ossrl.model import GptOss, GptOssConfig, load_pretrained
+    from ossrl.model.lora import apply_lora
+
+    torch.manual_seed(0)
+    if model_path == "tiny":
+        model = GptOss(GptOssConfig.tiny(max_position_embeddings=1 << 20)).to(device)
+    else:
+        model = load_pretrained(model_path, device=device, dtype=torch.bfloat16)
+    if lora_rank:
+        apply_lora(model, lora_rank)
+    model.activation_checkpointing = ckpt
+    return model
+
+
+def one_step(model, n: int, device: str) -> None:
+    from ossrl.train.loss import policy_loss
+
+    ids = torch.randint(0, model.config.vocab_size, (n,), device=device)
+    cu = torch.tensor([0, n], dtype=torch.int32, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    logp = model.token_logprobs(ids, cu, ids.roll(-1), max_seqlen=n)
+    mask = torch.ones(n, device=device)
+    loss, _ = policy_loss(logp, logp.detach(), logp.detach(), torch.ones(n, device=device), mask)
+    loss.backward()
+    opt.step()
+
+
+def cpu_peak(model_path: str, mode: str, n: int) -> int:
+    """Peak resident bytes of a fresh process doing one step (minus the same process idle)."""
+    code = ("import sys, resource, torch; sys.path.insert(0, %r); import bench_memory as b; "
+            "ckpt, r = b.MODES[%r]; m = b.build(%r, 'cpu', r, ckpt); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "b.one_step(m, %d, 'cpu'); print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+            % (os.path.dirname(os.path.abspath(__file__)), mode, model_path, n))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    base, peak = int(out[-2]), int(out[-1])
+    return (peak - base) * 1024  # ru_maxrss is in KiB on Linux
+
+
+def gpu_longest(model_path: str, mode: str, start: int, limit: int) -> tuple[int, dict[int, int]]:
+    ckpt, rank = MODES[mode]
+    model = build(model_path, "cuda", rank, ckpt)
+    peaks: dict[int, int] = {}
+
+    def fits(n: int) -> bool:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            one_step(model, n, "cuda")
+            torch.cuda.synchronize()
+            peaks[n] = torch.cuda.max_memory_allocated()
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    lo, hi = 0, start
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > max(lo // 64, 256):  # within ~1.5%
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    del model
+    torch.cuda.empty_cache()
+    return lo, peaks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--lengths", default="2048,4096,8192", help="CPU: lengths to measure")
+    ap.add_argument("--budget-gb", type=float, default=None, help="CPU: memory for the extrapolation "
+                    "(default: MemAvailable now)")
+    ap.add_argument("--limit", type=int, default=1 << 20, help="GPU: longest length tried")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    if args.device == "cuda":
+        print(f"{'mode':<10} {'longest trajectory (tokens)':>28} {'peak at longest (GiB)':>22}")
+        for mode in MODES:
+            n, peaks = gpu_longest(args.model, mode, 4096, args.limit)
+            peak = peaks.get(n, 0) / 2**30
+            rows.append(dict(mode=mode, longest=n, peak_gib=peak, peaks={k: v for k, v in sorted(peaks.items())}))
+            print(f"{mode:<10} {n:>28} {peak:>22.2f}")
+    else:
+        budget = args.budget_gb * 2**30 if args.budget_gb else _mem_available()
+        lengths = [int(x) for x in args.lengths.split(",")]
+        print(f"CPU, budget {budget / 2**30:.1f} GiB; peak resident memory of one step (MiB) at each length")
+        print(f"{'mode':<10} " + " ".join(f"{n:>9}" for n in lengths) + f" {'MiB/token':>10} {'longest (extrapolated)':>24}")
+        for mode in MODES:
+            peaks = [cpu_peak(args.model, mode, n) for n in lengths]
+            slope = (peaks[-1] - peaks[0]) / (lengths[-1] - lengths[0])
+            base = peaks[0] - slope * lengths[0]
+            longest = int((budget - base) / slope) if slope > 0 else None
+            rows.append(dict(mode=mode, lengths=lengths, peak_bytes=peaks, bytes_per_token=slope,
+                             longest_extrapolated=longest, budget_bytes=budget))
+            print(f"{mode:<10} " + " ".join(f"{p / 2**20:>9.0f}" for p in peaks)
+                  + f" {slope / 2**20:>10.3f} {longest if longest else 'n/a':>24}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=args.device, model=args.model, rows=rows), f, indent=1)
+
+
+def _mem_available() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo: pass --budget-gb")
+
+
+if __name__ == "__main__":
+    main()

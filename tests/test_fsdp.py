@@ -1,0 +1,236 @@
+"""FSDP2 on two gloo processes computes what one process computes on the whole batch.
+
+Two ranks, each with half of a packed batch: rank 0 runs its half as two micro-batches, rank 1 as
+one plus a zero-weight padding pass (equal pass counts, sync only in the last). The grads, the
+clipped grad norm and the parameters after one AdamW step are compared with one unsharded process
+doing the same step; grads would be half as large if FSDP averaged instead of summing. The reshard
+plan must rebuild each rank's plain replica bit for bit, and checkpoints must round-trip.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import queue
+import socket
+import time
+
+import pytest
+import torch
+
+from ossrl.model import GptOss, GptOssConfig
+
+LENGTHS = [7, 5, 9, 4, 6, 8]  # rank 0: the first three (two micro-batches), rank 1: the rest
+# AdamW's first step moves a parameter by lr * g / (|g| + eps). With the default eps (1e-8) that is
+# about lr * sign(g): blind to the scale of g (summed or averaged alike) and, for the few g near 0,
+# turning rounding differences into a sizeable part of lr. eps of the order of the grads fixes both.
+# MAX_NORM lies between the summed grads' norm (~3.2) and half of it, so clipping does happen and
+# averaged grads would also be clipped differently.
+LR, EPS, MAX_NORM = 1e-3, 1e-3, 2.0
+
+
+def _seqs() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    vocab = GptOssConfig.tiny().vocab_size
+    return [torch.randint(0, vocab, (n,), generator=g) for n in LENGTHS]
+
+
+def _loss(model: GptOss, seqs: list[torch.Tensor], n_tokens: int) -> torch.Tensor:
+    """-(sum of next-token log-probs of seqs) / n_tokens, the global count (last positions masked)."""
+    ids = torch.cat(seqs)
+    targets = torch.cat([torch.roll(s, -1) for s in seqs])
+    cu = torch.tensor([0] + [len(s) for s in seqs], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    mask = torch.ones(len(ids))
+    mask[cu[1:].long() - 1] = 0
+    logp = model.token_logprobs(ids, cu, targets)
+    return -(logp * mask).sum() / n_tokens
+
+
+N_TOKENS = sum(n - 1 for n in LENGTHS)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, tied: bool, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from ossrl import reshard
+    from ossrl.train import fsdp
+
+    try:
+        # A collective that waits longer than this raises instead of hanging the test.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+        torch.manual_seed(0)
+        model = GptOss(GptOssConfig.tiny(tie_word_embeddings=tied))
+        replica = copy.deepcopy(model)  # the "rollout" copy: plain tensors, made before sharding
+        fsdp.shard_model(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
+
+        seqs = _seqs()
+        mine = seqs[:3] if rank == 0 else seqs[3:]
+        micro = [mine[:2], mine[2:]] if rank == 0 else [mine]
+        n = fsdp.equal_micro_batches(len(micro))
+        for i in fsdp.sync_on_last(model, n):
+            if i < len(micro):
+                _loss(model, micro[i], N_TOKENS).backward()
+            else:
+                fsdp.padding_pass(model)
+        grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        opt.step()
+        opt.zero_grad()
+
+        model_sd, optim_sd = fsdp.full_state_dicts(model, opt)
+
+        plan = reshard.build_plan([reshard.cast(k, k) for k, _ in model.named_parameters()], model, replica)
+        plan.sync()
+        out = {"n": n, "grads": grads, "norm": norm, "model_sd": model_sd, "optim_sd": optim_sd,
+               "replica": {k: v.detach().clone() for k, v in replica.state_dict().items()},
+               "sharded": {k: type(p).__name__ for k, p in model.named_parameters()}}
+
+        # Round trip: a differently initialised sharded model and a fresh optimizer load the dicts
+        # (rank 0 holds them, the others pass empty ones) and must give back the same dicts.
+        torch.manual_seed(1)
+        other = fsdp.shard_model(GptOss(GptOssConfig.tiny(tie_word_embeddings=tied)))
+        other_opt = torch.optim.AdamW(other.parameters(), lr=LR, eps=EPS)
+        fsdp.load_full_state_dicts(other, other_opt, model_sd, optim_sd)
+        out["reloaded"] = fsdp.full_state_dicts(other, other_opt)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        results.put((rank, "ok"))
+    except BaseException:  # reported to the test, which fails with it
+        import traceback
+
+        results.put((rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _reference(tied: bool):
+    """One process, the whole batch, the same step."""
+    torch.manual_seed(0)
+    model = GptOss(GptOssConfig.tiny(tie_word_embeddings=tied))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
+    _loss(model, _seqs(), N_TOKENS).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+    opt.step()
+    return model, opt, grads, norm
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def two_ranks(request, tmp_path_factory):
+    """Each rank's results (see _worker), with lm_head separate from or tied to embed_tokens."""
+    import torch.multiprocessing as mp
+
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(out_dir), request.param, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    outcome: dict[int, str] = {}
+    deadline = time.monotonic() + 180  # a hang fails the test instead of blocking it
+    try:
+        while len(outcome) < len(procs) and time.monotonic() < deadline:
+            try:
+                rank, what = results.get(timeout=1)
+                outcome[rank] = what
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcome]
+                if dead:  # killed without reporting (a crash in C++, out of memory)
+                    time.sleep(1)  # its peer's report, if any, is worth waiting for
+                    outcome.update({r: f"exited with code {procs[r].exitcode}" for r in dead})
+        outcome.update({r: "no report within 180 s" for r in range(len(procs)) if r not in outcome})
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert outcome == {0: "ok", 1: "ok"}, "\n".join(f"rank {r}: {v}" for r, v in sorted(outcome.items()))
+    return request.param, [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _close(a: dict, b: dict, **tol) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=lambda m: f"{k}: {m}", **tol)
+
+
+def test_parameters_are_sharded_and_passes_padded(two_ranks):
+    _, ranks = two_ranks
+    assert all(t == "DTensor" for t in ranks[0]["sharded"].values())
+    assert [r["n"] for r in ranks] == [2, 2]  # rank 1 padded its one micro-batch to two
+
+
+def test_grads_are_summed_like_one_process(two_ranks):
+    tied, ranks = two_ranks
+    _, _, grads, norm = _reference(tied)
+    for r in ranks:
+        _close(r["grads"], grads, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["norm"], norm, rtol=1e-5, atol=1e-6)
+    assert norm > MAX_NORM > norm / 2  # the clip scales the grads, and would not scale half of them
+
+
+def test_step_matches_one_process(two_ranks):
+    tied, ranks = two_ranks
+    model, opt, _, _ = _reference(tied)
+    model_sd, optim_sd = ranks[0]["model_sd"], ranks[0]["optim_sd"]
+    assert list(model_sd) == list(model.state_dict())  # plain Hugging Face names, same order
+    assert all(type(v) is torch.Tensor and v.device.type == "cpu" for v in model_sd.values())
+    _close(model_sd, model.state_dict(), rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    initial = GptOss(GptOssConfig.tiny(tie_word_embeddings=tied)).state_dict()
+    for k in ("lm_head.weight", "model.layers.1.mlp.experts.down_proj", "model.norm.weight"):
+        assert (model_sd[k] - initial[k]).abs().max() > 100 * 1e-6, k  # the step moved it
+    # AdamW moments, keyed by parameter name: (1 - beta1) g and (1 - beta2) g^2, tolerances to match
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(optim_sd["state"][k]["exp_avg"], opt.state[p]["exp_avg"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(optim_sd["state"][k]["exp_avg_sq"], opt.state[p]["exp_avg_sq"], rtol=1e-4,
+                                   atol=1e-12)
+    assert ranks[1]["model_sd"] == {} and ranks[1]["optim_sd"] == {}  # rank 0 only
+
+
+def test_reshard_plan_rebuilds_every_replica_exactly(two_ranks):
+    _, ranks = two_ranks
+    full = ranks[0]["model_sd"]
+    for r in ranks:
+        assert r["replica"].keys() == full.keys()
+        for k in full:
+            assert torch.equal(r["replica"][k], full[k]), k
+
+
+def test_checkpoint_round_trip(two_ranks):
+    _, ranks = two_ranks
+    model_sd, optim_sd = ranks[0]["reloaded"]
+    _close(model_sd, ranks[0]["model_sd"], rtol=0, atol=0)
+    want = ranks[0]["optim_sd"]
+    # the broadcast turns tuples (AdamW's betas) into lists
+    assert [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in want["param_groups"]] == \
+        optim_sd["param_groups"]
+    assert optim_sd["state"].keys() == want["state"].keys()
+    for k, st in want["state"].items():
+        _close(optim_sd["state"][k], st, rtol=0, atol=0)
+
+
+def test_unsharded_model_gives_and_takes_the_same_dicts():
+    """Without a process group the helpers work on a plain model, so either kind of run can write
+    a checkpoint the other reads."""
+    from ossrl.train import fsdp
+
+    model, opt, _, _ = _reference(False)
+    model_sd, optim_sd = fsdp.full_state_dicts(model, opt)
+    assert list(model_sd) == list(model.state_dict())
+    assert list(optim_sd["state"]) == [k for k, _ in model.named_parameters()]
+    torch.manual_seed(1)
+    other = GptOss(GptOssConfig.tiny())
+    other_opt = torch.optim.AdamW(other.parameters(), lr=LR, eps=EPS)
+    fsdp.load_full_state_dicts(other, other_opt, model_sd, optim_sd)
+    _close(other.state_dict(), model.state_dict(), rtol=0, atol=0)
+    for k, p in other.named_parameters():
+        _close(other_opt.state[p], optim_sd["state"][k], rtol=0, atol=0)
