@@ -382,6 +382,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
                "eval_greedy_success_rate": greedy / len(problems), "engine_restarts": int(restarts)})
         return sampled / len(problems)
 
+    # The KL reference: the post-warm-up policy (a frozen copy; in LoRA mode the base model itself).
+    ref_path = ckpt_dir / "reference.safetensors"
+    ref_model = copy.deepcopy(model).requires_grad_(False).eval() if cfg.loss.kl_coef and not cfg.lora_rank else None
+
     if not sft_done:
         model.train()
         with tqdm(range(1, cfg.sft_steps + 1), desc="warm-up", disable=cfg.sft_steps == 0 or not dp.main,
@@ -396,16 +400,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         sync_weights()
         rate = evaluate(0)
         log(f"after warm-up: held-out success rate {rate:.3f}")
+        if cfg.loss.kl_coef and not cfg.lora_rank and dp.main:  # before the first checkpoint that needs it
+            checkpoint.save_weights(ref_path, model)
         save(0)
-    # The KL reference: the post-warm-up policy (a frozen copy; in LoRA mode the base model itself).
-    ref_model = None
-    if cfg.loss.kl_coef and not cfg.lora_rank:
-        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
-        ref_path = ckpt_dir / "reference.safetensors"
-        if last is not None:
-            checkpoint.load_weights(ref_path, ref_model)
-        elif dp.main:
-            checkpoint.save_weights(ref_path, ref_model)
+    if ref_model is not None and last is not None:
+        checkpoint.load_weights(ref_path, ref_model)
+    elif ref_model is not None:
+        ref_model.load_state_dict(model.state_dict())
 
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr
