@@ -3,7 +3,7 @@
 # Builds from source with the machine's own python3/torch, runs the whole test suite (CUDA tests
 # included), short compute-sanitizer runs, then every benchmark. Each stage appends to files under
 # $OUT as it goes, so a run cut off at its time limit still returns what it finished.
-# Stages can be picked: STAGES="build test sanitize bench" (default: all).
+# Stages can be picked: STAGES="build test sanitize bench train" (default: all but train).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/build/gpu_out}
@@ -44,11 +44,16 @@ if [[ " $STAGES " == *" sanitize "* ]]; then
 fi
 
 if [[ " $STAGES " == *" bench "* ]]; then
-  for b in moe attention reshard rollout loop; do
+  for b in moe attention reshard rollout loop memory; do
     [ -f ../benchmarks/bench_$b.py ] || continue
     log "bench_$b"
     timeout 300 python3 ../benchmarks/bench_$b.py --json "$OUT/bench_$b.json" >>"$OUT/bench.txt" 2>&1
     log "bench_$b exit $?"
   done
+fi
+if [[ " $STAGES " == *" train "* ]]; then  # opt-in: the loop on the GPU, gpu_busy_frac per step
+  log "ossrl train (short)"
+  timeout 300 python3 -m ossrl train --run-dir "$OUT/train" steps=10 sft_steps=100 >>"$OUT/train.log" 2>&1
+  log "train exit $?: $(grep -c reward_mean "$OUT/train/metrics.jsonl" 2>/dev/null) steps logged"
 fi
 log "done"
