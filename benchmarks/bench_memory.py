@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="2048,4096,8192", help="CPU: lengths to measure")
     ap.add_argument("--budget-gb", type=float, default=None, help="CPU: memory for the extrapolation "
                     "(default: MemAvailable now)")
-    ap.add_argument("--limit", type=int, default=1 << 20, help="GPU: longest length tried")
+    ap.add_argument("--limit", type=int, default=1 << 17, help="GPU: longest length tried")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
