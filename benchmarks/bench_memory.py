@@ -1,7 +1,7 @@
 """The longest trajectory one training step takes, per memory mode.
 
-Modes: full fine-tuning, + activation checkpointing, LoRA (frozen base, adapters only), LoRA +
-activation checkpointing. A step is what the loop does with one trajectory: chunked token
+Modes: full fine-tuning, + activation checkpointing, + activations offloaded to host memory;
+the same three with LoRA (frozen base, adapters only). A step is what the loop does with one trajectory: chunked token
 log-probs, the GRPO loss, backward, AdamW.
 
 On a GPU the search is direct: lengths double until a step runs out of memory, then bisect; the
@@ -25,7 +25,9 @@ import sys
 
 import torch
 
-MODES = {"full": (False, 0), "full+ckpt": (True, 0), "lora": (False, 16), "lora+ckpt": (True, 16)}
+# mode: (activation checkpointing, LoRA rank, activations offloaded to host memory)
+MODES = {"full": (False, 0, False), "full+ckpt": (True, 0, False), "full+ckpt+offload": (True, 0, True),
+         "lora": (False, 16, False), "lora+ckpt": (True, 16, False), "lora+ckpt+offload": (True, 16, True)}
 
 
 def build(model_path: str, device: str, lora_rank: int, ckpt: bool):
@@ -43,14 +45,16 @@ def build(model_path: str, device: str, lora_rank: int, ckpt: bool):
     return model
 
 
-def one_step(model, n: int, device: str) -> None:
+def one_step(model, n: int, device: str, offload: bool = False) -> None:
+    from ossrl.train.loop import activations_on_host
     from ossrl.train.loss import policy_loss
 
     ids = torch.randint(0, model.config.vocab_size, (n,), device=device)
     cu = torch.tensor([0, n], dtype=torch.int32, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    logp = model.token_logprobs(ids, cu, ids.roll(-1), max_seqlen=n)
+    with activations_on_host(offload):
+        logp = model.token_logprobs(ids, cu, ids.roll(-1), max_seqlen=n)
     mask = torch.ones(n, device=device)
     loss, _ = policy_loss(logp, logp.detach(), logp.detach(), torch.ones(n, device=device), mask)
     loss.backward()
@@ -60,8 +64,8 @@ def one_step(model, n: int, device: str) -> None:
 def cpu_peak(model_path: str, mode: str, n: int) -> int:
     """Peak resident bytes of a fresh process doing one step (minus the same process idle)."""
     code = ("import sys, resource, torch; sys.path.insert(0, %r); import bench_memory as b; "
-            "ckpt, r = b.MODES[%r]; m = b.build(%r, 'cpu', r, ckpt); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "b.one_step(m, %d, 'cpu'); print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+            "ckpt, r, off = b.MODES[%r]; m = b.build(%r, 'cpu', r, ckpt); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "b.one_step(m, %d, 'cpu', off); print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
             % (os.path.dirname(os.path.abspath(__file__)), mode, model_path, n))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     base, peak = int(out[-2]), int(out[-1])
@@ -69,7 +73,7 @@ def cpu_peak(model_path: str, mode: str, n: int) -> int:
 
 
 def gpu_longest(model_path: str, mode: str, start: int, limit: int) -> tuple[int, dict[int, int]]:
-    ckpt, rank = MODES[mode]
+    ckpt, rank, offload = MODES[mode]
     model = build(model_path, "cuda", rank, ckpt)
     peaks: dict[int, int] = {}
 
@@ -77,7 +81,7 @@ def gpu_longest(model_path: str, mode: str, start: int, limit: int) -> tuple[int
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
-            one_step(model, n, "cuda")
+            one_step(model, n, "cuda", offload)
             torch.cuda.synchronize()
             peaks[n] = torch.cuda.max_memory_allocated()
             return True
@@ -102,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--lengths", default="2048,4096,8192", help="CPU: lengths to measure")
+    ap.add_argument("--lengths", default="2048,8192", help="CPU: lengths to measure")
     ap.add_argument("--budget-gb", type=float, default=None, help="CPU: memory for the extrapolation "
                     "(default: MemAvailable now)")
     ap.add_argument("--limit", type=int, default=1 << 17, help="GPU: longest length tried")
@@ -110,17 +114,17 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     if args.device == "cuda":
-        print(f"{'mode':<10} {'longest trajectory (tokens)':>28} {'peak at longest (GiB)':>22}")
+        print(f"{'mode':<18} {'longest trajectory (tokens)':>28} {'peak at longest (GiB)':>22}")
         for mode in MODES:
             n, peaks = gpu_longest(args.model, mode, 4096, args.limit)
             peak = peaks.get(n, 0) / 2**30
             rows.append(dict(mode=mode, longest=n, peak_gib=peak, peaks={k: v for k, v in sorted(peaks.items())}))
-            print(f"{mode:<10} {n:>28} {peak:>22.2f}")
+            print(f"{mode:<18} {n:>28} {peak:>22.2f}")
     else:
         budget = args.budget_gb * 2**30 if args.budget_gb else _mem_available()
         lengths = [int(x) for x in args.lengths.split(",")]
         print(f"CPU, budget {budget / 2**30:.1f} GiB; peak resident memory of one step (MiB) at each length")
-        print(f"{'mode':<10} " + " ".join(f"{n:>9}" for n in lengths) + f" {'MiB/token':>10} {'longest (extrapolated)':>24}")
+        print(f"{'mode':<18} " + " ".join(f"{n:>9}" for n in lengths) + f" {'MiB/token':>10} {'longest (extrapolated)':>24}")
         for mode in MODES:
             peaks = [cpu_peak(args.model, mode, n) for n in lengths]
             slope = (peaks[-1] - peaks[0]) / (lengths[-1] - lengths[0])
@@ -128,7 +132,7 @@ def main() -> None:
             longest = int((budget - base) / slope) if slope > 0 else None
             rows.append(dict(mode=mode, lengths=lengths, peak_bytes=peaks, bytes_per_token=slope,
                              longest_extrapolated=longest, budget_bytes=budget))
-            print(f"{mode:<10} " + " ".join(f"{p / 2**20:>9.0f}" for p in peaks)
+            print(f"{mode:<18} " + " ".join(f"{p / 2**20:>9.0f}" for p in peaks)
                   + f" {slope / 2**20:>10.3f} {longest if longest else 'n/a':>24}")
     if args.json:
         with open(args.json, "w") as f:

@@ -179,7 +179,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, parallel):
 def test_activation_checkpointing_and_offload_give_the_same_run(full_run, tmp_path):
     run = tmp_path / "ckpt"
     args = [a for a in SHORT if not a.startswith("steps=")] + ["steps=2", "activation_checkpointing=true",
-                                                               "offload_optimizer=true"]
+                                                               "offload_optimizer=true", "offload_activations=true"]
     assert main(["train", "--run-dir", str(run), *args]) == 0
     ours = [r for r in read(run / "metrics.jsonl") if "reward_mean" in r]
     ref = [r for r in read(full_run / "metrics.jsonl") if "reward_mean" in r][:2]

@@ -53,6 +53,7 @@ class TrainConfig:
     parallel: str = "dp"  # under torchrun: dp (every rank holds the model) | fsdp (FSDP2 shards)
     activation_checkpointing: bool = False  # recompute each layer in the backward (long trajectories)
     offload_optimizer: bool = False  # optimizer state in host memory during rollouts (GPU)
+    offload_activations: bool = False  # tensors saved for the backward kept in host memory (GPU)
     lora_rank: int = 0  # > 0: train LoRA adapters only; the engine runs the same frozen base (one copy)
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated; router and lm_head allowed too

@@ -153,6 +153,15 @@ def offloaded(optimizer: torch.optim.Optimizer, enabled: bool):
             state[k] = state[k].to(device, non_blocking=True)
 
 
+def activations_on_host(enabled: bool):
+    """Tensors saved for the backward go to (pinned) host memory and come back when needed: with
+    activation checkpointing that is one hidden state per layer, so GPU memory no longer grows
+    with the trajectory's length times the depth."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+
 def demonstrations(task, tokenizer, problems) -> list[Trajectory]:
     """The task's demonstration conversations as trajectories (model turns carry the loss)."""
     trajs = []
@@ -285,7 +294,8 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
         adv = torch.repeat_interleave(
             torch.tensor([advantages[i] for i in idx], dtype=torch.float32, device=device),
             (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).long())
-        logp = model.token_logprobs(b["ids"], b["cu_seqlens"], b["targets"], max_seqlen=b["max_seqlen"])
+        with activations_on_host(cfg.offload_activations):
+            logp = model.token_logprobs(b["ids"], b["cu_seqlens"], b["targets"], max_seqlen=b["max_seqlen"])
         # One update per rollout batch: the trainer's log-probs before it ARE this forward's.
         ref = reference_logprobs(model, ref_model, b) if cfg.loss.kl_coef else None
         loss, st = policy_loss(logp, logp.detach(), b["rollout_logprobs"], adv, b["mask"], cfg.loss, logp_ref=ref)
