@@ -71,6 +71,10 @@ def test_quota_of_all_groups_runs_everything_and_checkpoint_round_trip():
     assert done == [0, 1] and all(t.done for t in trajs)
     back = [Trajectory.from_json(t.to_json()) for t in trajs]
     assert [b.to_json() for b in back] == [t.to_json() for t in trajs]
+    bad = trajs[0].to_json()
+    bad["versions"] = bad["versions"][:-1]
+    with pytest.raises(ValueError, match="one entry per token"):
+        Trajectory.from_json(bad)
 
 
 def test_engine_abort_returns_partial_output_and_frees_the_cache():

@@ -57,6 +57,13 @@ def test_kill_mid_checkpoint_and_resume_repeats_the_run(full_run, tmp_path):
         f.write(json.dumps({"step": 3, "reward_mean": 123.0}) + "\n")
     assert main(["train", "--run-dir", str(run), "--resume", *SHORT]) == 0
     assert _results(read(run / "metrics.jsonl")) == _results(read(full_run / "metrics.jsonl"))
+    # a tampered checkpoint is a clear error
+    state_file = run / "checkpoints" / "step_00000004" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["ranks"][0]["carry"] = [{"gid": 1, "problem": {"prompt": "1+1", "answer": "2"}, "trajs": [{"tokens": 5}]}]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="malformed paused episodes"):
+        main(["train", "--run-dir", str(run), "--resume", *SHORT])
 
 
 def test_config_file_overrides_and_errors(tmp_path):
@@ -123,8 +130,10 @@ def _dp_worker(rank, world, port, run_dir, args, results):
             torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("parallel", ["dp", "fsdp"])
-def test_two_process_gloo_run_matches_one_process(tmp_path, parallel):
+@pytest.mark.parametrize("parallel, extra", [("dp", []), ("fsdp", []),
+                                             ("fsdp", ["lora_rank=4", "loss.kl_coef=0.05"]),
+                                             ("fsdp", ["loss.kl_coef=0.05"])])
+def test_two_process_gloo_run_matches_one_process(tmp_path, parallel, extra):
     """Two ranks, each with half of every batch and gradients summed, compute what one process
     computes on the same global batch: same samples, rewards and (to rounding) losses; with the
     model replicated (dp) or sharded by FSDP2 (the engine then runs a replica synced from the
@@ -133,7 +142,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, parallel):
 
     args = ["sft_steps=6", "steps=2", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=2",
             "checkpoint_every=2", "max_turns=2", "sft_batch=8",
-            "extra_groups=0"]  # every group runs to the end: which ones finish first depends on the batch
+            "extra_groups=0", *extra]  # every group runs to the end: which ones finish first depends on the batch
     assert main(["train", "--run-dir", str(tmp_path / "one"), *args]) == 0
     args.append(f"parallel={parallel}")
     with socket.socket() as s:
@@ -159,7 +168,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, parallel):
         for k in ("step", "sft_step", "reward_mean", "generated_tokens", "tool_calls", "eval_success_rate",
                   "eval_greedy_success_rate"):
             assert a.get(k) == b.get(k), (k, a, b)
-        for k in ("sft_loss", "loss"):
+        for k in ("sft_loss", "loss", "kl"):
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a, b)
     assert [r["processes"] for r in two if "reward_mean" in r] == [2, 2]

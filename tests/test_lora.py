@@ -94,7 +94,26 @@ def test_lora_mode_trains_adapters_only_with_one_shared_copy(tmp_path, monkeypat
     assert [r["sync_bytes"] for r in steps] == [0, 0]
     assert all(r["kl"] > 0 for r in steps)  # the reference is the base: the warm-up moved the adapters
     with pytest.raises(SystemExit):
-        main(["train", "--run-dir", str(tmp_path / "x"), "lora_rank=4", "rollout_dtype=bfloat16"])
+        main(["train", "--run-dir", str(tmp_path / "x"), "lora_rank=4", "lora_targets=q_proj,mlp"])
+
+
+def test_lora_with_a_bf16_engine_copy_syncs_only_the_adapters(tmp_path, monkeypatch):
+    from ossrl.train import loop
+
+    seen = {}
+    real = loop.rollout_copy
+
+    def spy(model, cfg, **kw):
+        seen["model"], seen["copy"] = model, real(model, cfg, **kw)
+        return seen["copy"]
+
+    monkeypatch.setattr(loop, "rollout_copy", spy)
+    assert main(["train", "--run-dir", str(tmp_path / "r"), *SHORT, "lora_rank=4", "rollout_dtype=bfloat16"]) == 0
+    adapters = sum(p.numel() for n, p in seen["model"].named_parameters() if "lora_" in n)
+    steps = [r for r in read(tmp_path / "r" / "metrics.jsonl") if "reward_mean" in r]
+    assert [r["sync_bytes"] for r in steps] == [2 * adapters] * 2  # bf16 adapters, never the base
+    for (n, p), (_, c) in zip(seen["model"].named_parameters(), seen["copy"].named_parameters()):
+        assert c.dtype == torch.bfloat16 and torch.equal(c, p.detach().to(torch.bfloat16)), n
 
 
 def test_kl_reference_is_the_post_warm_up_policy_and_survives_resume(tmp_path):

@@ -75,12 +75,17 @@ class Trajectory:
         self.versions += [version if sampled else CONTEXT] * len(tokens)
 
     def to_json(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "messages"}
-        return d
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "messages"}
 
     @classmethod
     def from_json(cls, d: dict) -> "Trajectory":
-        return cls(**d)
+        """The inverse of ``to_json``; a ValueError for anything that could misalign training."""
+        t = cls(**d)
+        n = len(t.tokens)
+        if not (len(t.loss_mask) == len(t.rollout_logprobs) == len(t.versions) == n) or not 0 <= t.turn_start <= n:
+            raise ValueError("Trajectory.from_json: tokens, loss_mask, rollout_logprobs and versions must have "
+                             "one entry per token and turn_start must lie within them")
+        return t
 
 
 def stream_seed(*parts: int) -> int:

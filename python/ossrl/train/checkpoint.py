@@ -78,18 +78,18 @@ def check_names(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Ten
                          f"unexpected {sorted(have - want)[:5]}")
 
 
-def save_weights(path: Path, module: torch.nn.Module) -> None:
-    """One module's weights as a single safetensors file, written atomically."""
+def save_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Weights as a single safetensors file, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, tmp)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
-def load_weights(path: Path, module: torch.nn.Module) -> None:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise ValueError(f"{path} is missing: the run cannot resume its KL reference policy")
-    module.load_state_dict(load_file(path), strict=True)
+    return load_file(path)

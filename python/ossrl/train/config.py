@@ -165,12 +165,7 @@ def validate(cfg: TrainConfig) -> None:
         if not targets or any(t not in ALLOWED_TARGETS for t in targets):
             raise ValueError(f"config key 'lora_targets' must list some of {', '.join(ALLOWED_TARGETS)}, "
                              f"got {cfg.lora_targets!r}")
-        if cfg.rollout_dtype != "same":
-            raise ValueError("lora_rank > 0 shares the frozen base with the rollout engine: rollout_dtype must be 'same'")
     if cfg.parallel not in ("dp", "fsdp"):
         raise ValueError(f"config key 'parallel' must be dp or fsdp, got {cfg.parallel!r}")
-    if cfg.parallel == "fsdp" and (cfg.lora_rank or cfg.loss.kl_coef):
-        raise ValueError("parallel = 'fsdp' supports full fine-tuning without a KL reference for now "
-                         "(use parallel = 'dp' for lora_rank or loss.kl_coef)")
     if cfg.tool_timeout <= 0:
         raise ValueError("config key 'tool_timeout' must be positive")

@@ -78,13 +78,15 @@ def rollout_copy(model, cfg: TrainConfig, *, replica: bool = False):
     return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
 
 
-def sync_plan(model, engine_model):
+def sync_plan(model, engine_model, *, trainable_only: bool = False):
     """The resharding plan from the trainer's parameters (plain or FSDP2 shards) into the engine's
-    copy: one fused cast-copy per bucket, destinations that never move; None when shared."""
+    copy: one fused cast-copy per bucket, destinations that never move; None when shared.
+    trainable_only: only what the optimizer changes (LoRA: the adapters; the frozen base in the
+    copy never goes stale)."""
     if engine_model is model:
         return None
-    names = [n for n, _ in model.named_parameters()]
-    return reshard.build_plan([reshard.cast(n, n) for n in names], model, engine_model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
+    return reshard.build_plan([reshard.cast(n, n) for n in names], model, engine_model, strict=not trainable_only)
 
 
 # ---- packing ----
@@ -330,8 +332,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     task = make_task(cfg.task)
     tools = ToolRegistry(builtins=task.tools)
     engine_model = rollout_copy(model, cfg, replica=dp.sharded)
+    # The KL reference: the post-warm-up policy (a frozen copy, sharded like the trainer; in LoRA
+    # mode the base model itself). Copied before sharding, filled after the warm-up.
+    ref_model = copy.deepcopy(model).requires_grad_(False).eval() if cfg.loss.kl_coef and not cfg.lora_rank else None
     model = dp.prepare(model)
-    plan = sync_plan(model, engine_model)
+    ref_model = dp.prepare(ref_model) if ref_model is not None else None
+    plan = sync_plan(model, engine_model, trainable_only=bool(cfg.lora_rank))
     engine = Engine(engine_model, max_cache_tokens=cfg.kv_cache_tokens, seed=cfg.seed)
     busy = BusyMeter(device)
 
@@ -356,9 +362,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         mine = state.get("ranks", [{}] * dp.world)
         if len(mine) != dp.world:
             raise ValueError(f"{last} was written by {len(mine)} processes; resume it with as many, not {dp.world}")
-        carry = [Group.from_json(g) for g in mine[dp.rank].get("carry", [])]
-        next_group = mine[dp.rank].get("next_group", 0)
-        sync_weights()
+        try:  # a checkpoint is untrusted input: a clear error, not a stack of TypeErrors
+            carry = [Group.from_json(g) for g in mine[dp.rank].get("carry", [])]
+            next_group = int(mine[dp.rank].get("next_group", 0))
+        except (TypeError, KeyError, ValueError, AttributeError) as e:
+            raise ValueError(f"{last}/state.json: malformed paused episodes ({type(e).__name__}: {e})") from None
+        full = sync_plan(model, engine_model)  # the whole model once; then what training changes
+        if full is not None:
+            full.sync(model)
         log(f"resumed from {last} (step {start_step})")
     elif resume:
         log(f"--resume: no complete checkpoint in {ckpt_dir}, starting from scratch")
@@ -392,10 +403,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
                "eval_greedy_success_rate": greedy / len(problems), "engine_restarts": int(restarts)})
         return sampled / len(problems)
 
-    # The KL reference: the post-warm-up policy (a frozen copy; in LoRA mode the base model itself).
     ref_path = ckpt_dir / "reference.safetensors"
-    ref_model = copy.deepcopy(model).requires_grad_(False).eval() if cfg.loss.kl_coef and not cfg.lora_rank else None
-
     if not sft_done:
         model.train()
         with tqdm(range(1, cfg.sft_steps + 1), desc="warm-up", disable=cfg.sft_steps == 0 or not dp.main,
@@ -410,13 +418,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         sync_weights()
         rate = evaluate(0)
         log(f"after warm-up: held-out success rate {rate:.3f}")
-        if cfg.loss.kl_coef and not cfg.lora_rank and dp.main:  # before the first checkpoint that needs it
-            checkpoint.save_weights(ref_path, model)
+        if ref_model is not None:
+            tensors, _ = dp.state_dicts(model, None)  # collective under FSDP; full on rank 0
+            if dp.main:  # before the first checkpoint that needs it
+                checkpoint.save_weights(ref_path, tensors)
+            dp.load_state_dicts(ref_model, None, tensors, None)
         save(0)
-    if ref_model is not None and last is not None:
-        checkpoint.load_weights(ref_path, ref_model)
     elif ref_model is not None:
-        ref_model.load_state_dict(model.state_dict())
+        dp.load_state_dicts(ref_model, None, checkpoint.read_weights(ref_path), None)
 
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr

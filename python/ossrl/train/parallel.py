@@ -93,8 +93,9 @@ class DataParallel:
         self.sum_grads(model)
 
     def state_dicts(self, model, optimizer) -> tuple[dict, dict]:
-        """Full model tensors and optimizer state for a checkpoint (rank 0 writes them)."""
-        return model.state_dict(), optimizer.state_dict()
+        """Full model tensors and optimizer state for a checkpoint (rank 0 writes them; other
+        ranks may get empty dicts). optimizer may be None."""
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else {}
 
     def load_state_dicts(self, model, optimizer, tensors: dict, optim: dict | None) -> None:
         model.load_state_dict(tensors)
