@@ -110,6 +110,25 @@ def test_stop_tokens_and_capacity():
     assert len(eng.cache.free) == eng.num_blocks
 
 
+def test_resumes_that_cannot_grow_in_a_full_cache_are_recomputed():
+    """Kept sequences fill the cache; resuming all of them at once cannot fit. The engine drops the
+    cache of some and feeds their tokens again: same tokens as with room to spare."""
+    m = _model(7)
+    prompts = [list(range(10 + i, 34 + i)) for i in range(4)]  # 4 x (24 + 8) tokens = 128
+    first = SamplingParams(temperature=0, max_new_tokens=8)
+    more = SamplingParams(temperature=0, max_new_tokens=12)
+
+    def run(eng):
+        outs = eng.generate(prompts, first, keep=True)
+        again = eng.generate([Resume(o.handle, [5, 6, 7]) for o in outs], more)
+        return [o.tokens for o in outs], [o.tokens for o in again]
+
+    tight = Engine(m, max_cache_tokens=136, block_size=8)  # 17 blocks: 16 kept, every resume needs 2 more
+    assert run(tight) == run(Engine(m, max_cache_tokens=4096, block_size=8))
+    assert tight.stats["preemptions"] > 0
+    assert len(tight.cache.free) == tight.num_blocks
+
+
 def test_cache_is_allocated_and_released_explicitly():
     m = _model(6)
     eng = Engine(m, max_cache_tokens=128)

@@ -6,7 +6,9 @@ resumed turn, or its last sampled token (decoding) — so prefills and decodes s
 nobody waits for the longest prompt. Keys and values go into a paged cache (fixed-size blocks, a
 block table per sequence, ``ossrl.ops.paged_kv_append`` / ``paged_attention``); a sequence
 reserves the blocks it can need when admitted, so running sequences never run out of cache and
-prompts that can never fit are rejected instead of overrunning it.
+prompts that can never fit are rejected instead of overrunning it. When resumed sequences hold
+the cache and none of them can grow into it, some are preempted: their cache is dropped and
+their tokens are fed again later (recomputation), so nothing deadlocks.
 
 Multi-turn: ``generate(..., keep=True)`` keeps a finished sequence's cache; pass
 ``Resume(handle, appended_tokens)`` as a prompt to continue it after a tool result without
@@ -65,6 +67,7 @@ class _Seq:
     id: int
     params: SamplingParams
     pending: list[int]  # tokens to feed before the next sample
+    fed: list[int] = field(default_factory=list)  # tokens whose keys/values are in the cache (for a recompute)
     cached: int = 0  # tokens whose keys/values are in the cache
     blocks: list[int] = field(default_factory=list)
     reserved: int = 0  # blocks promised to this sequence (allocated or not)
@@ -129,7 +132,7 @@ class Engine:
         self._kept: dict[int, _Seq] = {}
         self._reserved = 0
         self._rejected: list[_Seq] = []  # finished by _admit, reported by the next step
-        self.stats = {"steps": 0, "forward_tokens": 0, "generated_tokens": 0}
+        self.stats = {"steps": 0, "forward_tokens": 0, "generated_tokens": 0, "preemptions": 0}
 
     # ---- memory ----
 
@@ -229,6 +232,24 @@ class Engine:
         seq.blocks, seq.reserved = [], 0
 
     def _admit(self) -> None:
+        self._admit_fitting()
+        # Nothing can run, yet requests wait: resumed sequences hold cache blocks that none of them
+        # can grow into. Preempt by recomputation: drop one waiting sequence's cache (its tokens
+        # are fed again from the start) until something fits or no waiting request holds blocks.
+        while not self._running and self._waiting:
+            holders = [s for s in self._waiting if s.blocks]
+            if not holders:
+                break
+            self._preempt(holders[-1])
+            self._admit_fitting()
+
+    def _preempt(self, seq: _Seq) -> None:
+        self._free(seq)
+        seq.pending = seq.fed + seq.pending
+        seq.fed, seq.cached = [], 0
+        self.stats["preemptions"] += 1
+
+    def _admit_fitting(self) -> None:
         still = []
         for seq in self._waiting:
             total = seq.cached + len(seq.pending)
@@ -298,6 +319,7 @@ class Engine:
         sample_rows, sample_seqs = [], []
         for seq, n, end in zip(batch, lens, itertools.accumulate(lens)):
             seq.cached += n
+            seq.fed += seq.pending[:n]
             seq.pending = seq.pending[n:]
             if not seq.pending:  # prompt fully fed: the last row predicts the next token
                 sample_rows.append(end - 1)
