@@ -130,9 +130,14 @@ def _dp_worker(rank, world, port, run_dir, args, results):
             torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("parallel, extra", [("dp", []), ("fsdp", []),
-                                             ("fsdp", ["lora_rank=4", "loss.kl_coef=0.05"]),
-                                             ("fsdp", ["loss.kl_coef=0.05"])])
+@pytest.mark.parametrize("parallel, extra", [
+    pytest.param("dp", [], id="dp"),
+    pytest.param("fsdp", [], id="fsdp"),
+    pytest.param("fsdp", ["lora_rank=4", "loss.kl_coef=0.05"], id="fsdp-lora-kl"),
+    pytest.param("fsdp", ["loss.kl_coef=0.05"], id="fsdp-kl"),
+    pytest.param("fsdp", ["activation_checkpointing=true", "offload_activations=true", "offload_optimizer=true"],
+                 id="fsdp-ckpt-offload"),
+])
 def test_two_process_gloo_run_matches_one_process(tmp_path, parallel, extra):
     """Two ranks, each with half of every batch and gradients summed, compute what one process
     computes on the same global batch: same samples, rewards and (to rounding) losses; with the
