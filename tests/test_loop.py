@@ -38,6 +38,8 @@ def test_default_run_writes_metrics_checkpoints_and_plots(full_run):
     for r in steps:
         assert 0 <= r["reward_mean"] <= 1 and r["generated_tokens"] > 0
         assert r["rollout_s"] > 0 and r["train_s"] > 0
+        # 4 + 4 extra groups of 4 decode at once at most; every forward pass feeds a token at least
+        assert 1 <= r["engine_batch_mean"] <= 32 and r["engine_forward_tokens"] >= r["engine_steps"] > 0
     sft = [r["sft_loss"] for r in records if "sft_loss" in r]
     assert len(sft) == 25 and sft[-1] < sft[0]  # the warm-up learns the format
     assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]

@@ -445,6 +445,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         trajs = [t for g in active for t in g.trajs]
         members = [list(range(k * cfg.group_size, (k + 1) * cfg.group_size)) for k in range(len(active))]
         failures: list[str] = []
+        before = dict(engine.stats)
         with offloaded(optimizer, cfg.offload_optimizer):
             done = rollout(engine, tokenizer, tools, trajs, cfg, greedy=False, version=version, groups=members,
                            quota=min(quota, len(active)), failures=failures)
@@ -453,6 +454,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         finished = [active[k] for k in done]
         carry = [g for k, g in enumerate(active) if k not in set(done)]
         t1 = time.perf_counter()
+        engine_steps, sampled, fed = (engine.stats[k] - before[k]
+                                      for k in ("steps", "generated_tokens", "forward_tokens"))
         trajs = [t for g in finished for t in g.trajs]
         rewards = [task.reward(g.problem, t.final_answer) for g in finished for t in g.trajs]
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.group_size,
@@ -482,6 +485,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
             "episodes": int(n),
             "generated_tokens": int(gen_tokens),
             "rollout_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
+            # this process's engine: how full its batches were (tokens sampled per forward pass),
+            # and what the forward passes carried (prompts, tool results and resumed prefixes included)
+            "engine_steps": int(engine_steps),
+            "engine_batch_mean": sampled / max(engine_steps, 1),
+            "engine_forward_tokens": int(fed),
             "train_tokens_per_s": all_tokens / max(t2 - t1, 1e-9),
             "mean_turns": turns / n,
             "tool_calls": int(calls),
