@@ -228,3 +228,39 @@ def test_bf16_rollout_copy_is_synced_in_place(tmp_path):
     for (name, p), (_, c) in zip(seen["model"].named_parameters(), seen["copy"].named_parameters()):
         assert c.dtype == torch.bfloat16 and c.data_ptr() == seen["ptrs"][name]
         assert torch.equal(c, p.detach().to(torch.bfloat16)), name
+
+
+def test_train_from_a_hugging_face_checkpoint_folder(tmp_path):
+    """`model = FOLDER` (config.json, safetensors, tokenizer.json): the warm-up, rollouts and
+    checkpoints run with that model and its BPE tokenizer, and the checkpoints load back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from ossrl.model import GptOss, GptOssConfig, load_pretrained, load_tokenizer, save_pretrained
+    from ossrl.model.tokenizer import HARMONY_SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(HARMONY_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["user assistant system functions.calculator commentary final analysis "
+                             "Use the calculator tool, then give only the number. 12+34*56-78"] * 20, trainer)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    ours = load_tokenizer(folder)
+    torch.manual_seed(0)
+    save_pretrained(GptOss(GptOssConfig.tiny(vocab_size=tok.get_vocab_size(), eos_token_id=list(ours.stop_token_ids),
+                                             pad_token_id=ours.special_id("<|endoftext|>"))), folder)
+    run = tmp_path / "run"
+    args = [f"model={folder}", "sft_steps=4", "steps=2", "prompts_per_step=2", "group_size=2", "eval_prompts=2",
+            "eval_every=2", "checkpoint_every=2", "max_turns=2", "max_new_tokens=16"]
+    assert main(["train", "--run-dir", str(run), *args]) == 0
+    steps = [r for r in read(run / "metrics.jsonl") if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["generated_tokens"] > 0 for r in steps)
+    saved = run / "checkpoints" / "step_00000002" / "model.safetensors"
+    from safetensors.torch import load_file
+
+    weights = load_file(saved)
+    before = load_pretrained(folder, dtype=torch.float32).state_dict()
+    assert weights.keys() <= before.keys() and any(not torch.equal(weights[k], before[k]) for k in weights)

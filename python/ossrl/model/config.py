@@ -74,6 +74,11 @@ class GptOssConfig:
     bos_token_id: int | None = None
 
     def __post_init__(self):
+        # lists as Hugging Face's config.json writes them; stored as tuples (the config is hashable)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         self.validate()
 
     # ---- construction ----
