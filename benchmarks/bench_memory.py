@@ -7,10 +7,11 @@ log-probs, the GRPO loss, backward, AdamW.
 On a GPU the search is direct: lengths double until a step runs out of memory, then bisect; the
 peak (torch.cuda.max_memory_allocated) is printed for each length that fit. On the CPU nothing
 runs out within minutes, so the peak resident memory of one step is measured at a few lengths
-(each in a fresh process), a line is fitted, and the longest trajectory under --budget-gb is
-extrapolated from it (reported as such).
+(each in a fresh process), a line is drawn through the two longest, and the longest trajectory
+under --budget-gb is extrapolated from it (reported as such).
 
     python benchmarks/bench_memory.py                       # tiny model, CPU
+    python benchmarks/bench_memory.py --model small         # big enough to tell the modes apart
     python benchmarks/bench_memory.py --model /path/to/gpt-oss-20b --device cuda
 """
 
@@ -29,14 +30,21 @@ import torch
 MODES = {"full": (False, 0, False), "full+ckpt": (True, 0, False), "full+ckpt+offload": (True, 0, True),
          "lora": (False, 16, False), "lora+ckpt": (True, 16, False), "lora+ckpt+offload": (True, 16, True)}
 
+# Built-in models: "tiny" (the `ossrl train` default) has activations too small to tell the modes
+# apart; "small" (8 layers, hidden 512, 8 experts top-4; ~56M parameters, random weights) is big
+# enough per token for activation checkpointing and LoRA to show on the CPU.
+PRESETS = {"tiny": {}, "small": dict(hidden_size=512, intermediate_size=512, num_hidden_layers=8,
+                                     num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                                     num_local_experts=8, num_experts_per_tok=4)}
+
 
 def build(model_path: str, device: str, lora_rank: int, ckpt: bool):
     from ossrl.model import GptOss, GptOssConfig, load_pretrained
     from ossrl.model.lora import apply_lora
 
     torch.manual_seed(0)
-    if model_path == "tiny":
-        model = GptOss(GptOssConfig.tiny(max_position_embeddings=1 << 20)).to(device)
+    if model_path in PRESETS:
+        model = GptOss(GptOssConfig.tiny(max_position_embeddings=1 << 20, **PRESETS[model_path])).to(device)
     else:
         model = load_pretrained(model_path, device=device, dtype=torch.bfloat16)
     if lora_rank:
@@ -67,7 +75,12 @@ def cpu_peak(model_path: str, mode: str, n: int) -> int:
             "ckpt, r, off = b.MODES[%r]; m = b.build(%r, 'cpu', r, ckpt); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
             "b.one_step(m, %d, 'cpu', off); print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
             % (os.path.dirname(os.path.abspath(__file__)), mode, model_path, n))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    # glibc keeps freed heap memory resident and raises its mmap threshold as it goes, so the peak
+    # RSS would depend on the allocation order more than on what was live; a fixed threshold makes
+    # tensor-sized blocks mmap'd and unmapped on free, and the peak RSS follows the live bytes.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env).stdout.split()
     base, peak = int(out[-2]), int(out[-1])
     return (peak - base) * 1024  # ru_maxrss is in KiB on Linux
 
@@ -104,9 +117,9 @@ def gpu_longest(model_path: str, mode: str, start: int, limit: int) -> tuple[int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model", default="tiny", help=f"built in ({', '.join(PRESETS)}) or a GPT-OSS checkpoint folder")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--lengths", default="2048,8192", help="CPU: lengths to measure")
+    ap.add_argument("--lengths", default="2048,8192,16384", help="CPU: lengths to measure")
     ap.add_argument("--budget-gb", type=float, default=None, help="CPU: memory for the extrapolation "
                     "(default: MemAvailable now)")
     ap.add_argument("--limit", type=int, default=1 << 17, help="GPU: longest length tried")
@@ -122,13 +135,17 @@ def main() -> None:
             print(f"{mode:<18} {n:>28} {peak:>22.2f}")
     else:
         budget = args.budget_gb * 2**30 if args.budget_gb else _mem_available()
-        lengths = [int(x) for x in args.lengths.split(",")]
+        lengths = sorted(int(x) for x in args.lengths.split(","))
+        if len(lengths) < 2 or lengths[0] <= 0 or len(set(lengths)) != len(lengths):
+            ap.error("--lengths: at least two different positive lengths")
         print(f"CPU, budget {budget / 2**30:.1f} GiB; peak resident memory of one step (MiB) at each length")
         print(f"{'mode':<18} " + " ".join(f"{n:>9}" for n in lengths) + f" {'MiB/token':>10} {'longest (extrapolated)':>24}")
         for mode in MODES:
             peaks = [cpu_peak(args.model, mode, n) for n in lengths]
-            slope = (peaks[-1] - peaks[0]) / (lengths[-1] - lengths[0])
-            base = peaks[0] - slope * lengths[0]
+            # the line through the two longest: at short lengths the peak can be the optimizer
+            # step's (weights, gradients, AdamW state) rather than the activations'
+            slope = (peaks[-1] - peaks[-2]) / (lengths[-1] - lengths[-2])
+            base = peaks[-1] - slope * lengths[-1]
             longest = int((budget - base) / slope) if slope > 0 else None
             rows.append(dict(mode=mode, lengths=lengths, peak_bytes=peaks, bytes_per_token=slope,
                              longest_extrapolated=longest, budget_bytes=budget))
