@@ -129,6 +129,27 @@ def test_resumes_that_cannot_grow_in_a_full_cache_are_recomputed():
     assert len(tight.cache.free) == tight.num_blocks
 
 
+def test_kept_sequences_are_preempted_when_new_requests_need_their_cache():
+    """Sequences kept while their tool calls run fill the cache; a new request does not wait for
+    the tools: the kept sequences' caches are dropped (most recently kept first) and recomputed
+    when they resume. Same tokens as with room to spare; before, the new request could not start."""
+    m = _model(8)
+    prompts = [list(range(10 + i, 34 + i)) for i in range(4)]  # 4 x (24 + 8) tokens = 128 = 16 blocks
+    first = SamplingParams(temperature=0, max_new_tokens=8)
+    other = SamplingParams(temperature=0, max_new_tokens=10)
+
+    def run(eng):
+        kept = eng.generate(prompts, first, keep=True)
+        new = eng.generate([PROMPTS[3]], other)  # 40 + 10 tokens: 7 blocks
+        again = eng.generate([Resume(o.handle, [5, 6, 7]) for o in kept], other)
+        return [o.tokens for o in kept], new[0].tokens, [o.tokens for o in again]
+
+    tight = Engine(m, max_cache_tokens=136, block_size=8)  # 17 blocks, 16 of them kept
+    assert run(tight) == run(Engine(m, max_cache_tokens=4096, block_size=8))
+    assert tight.stats["preemptions"] >= 1
+    assert len(tight.cache.free) == tight.num_blocks
+
+
 def test_cache_is_allocated_and_released_explicitly():
     m = _model(6)
     eng = Engine(m, max_cache_tokens=128)

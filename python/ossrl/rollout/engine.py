@@ -234,10 +234,12 @@ class Engine:
     def _admit(self) -> None:
         self._admit_fitting()
         # Nothing can run, yet requests wait: resumed sequences hold cache blocks that none of them
-        # can grow into. Preempt by recomputation: drop one waiting sequence's cache (its tokens
-        # are fed again from the start) until something fits or no waiting request holds blocks.
+        # can grow into, or kept sequences (waiting on their tool calls) hold the cache. Preempt by
+        # recomputation: drop one sequence's cache (its tokens are fed again when it runs next),
+        # waiting ones first, then kept ones, most recently kept first (whose tool call started
+        # last), until something fits. Decoding goes on instead of waiting for slow tools.
         while not self._running and self._waiting:
-            holders = [s for s in self._waiting if s.blocks]
+            holders = [s for s in self._waiting if s.blocks] or [s for s in self._kept.values() if s.blocks]
             if not holders:
                 break
             self._preempt(holders[-1])
@@ -274,8 +276,8 @@ class Engine:
         return bool(self._running or self._waiting)
 
     def can_step(self) -> bool:
-        """Whether ``step`` would run a forward pass now (admitting what fits first). False with
-        requests waiting means they wait for cache that kept sequences hold."""
+        """Whether ``step`` would run a forward pass now (admitting what fits first, preempting
+        what holds the cache if nothing fits)."""
         self.allocate_cache()
         self._admit()
         return bool(self._running or self._rejected)
