@@ -8,7 +8,8 @@ On a GPU the search is direct: lengths double until a step runs out of memory, t
 peak (torch.cuda.max_memory_allocated) is printed for each length that fit. On the CPU nothing
 runs out within minutes, so the peak resident memory of one step is measured at a few lengths
 (each in a fresh process), a line is drawn through the two longest, and the longest trajectory
-under --budget-gb is extrapolated from it (reported as such).
+under --budget-gb is extrapolated from it (reported as such); --search-gb adds a direct search
+(doubling and bisection, every length measured) for a smaller budget that the CPU can reach.
 
     python benchmarks/bench_memory.py                       # tiny model, CPU
     python benchmarks/bench_memory.py --model small         # big enough to tell the modes apart
@@ -85,6 +86,27 @@ def cpu_peak(model_path: str, mode: str, n: int) -> int:
     return (peak - base) * 1024  # ru_maxrss is in KiB on Linux
 
 
+def cpu_longest(model_path: str, mode: str, budget: float, peaks: dict[int, int]) -> int:
+    """Direct search on the CPU: the longest trajectory whose measured step peak stays within
+    ``budget`` bytes (doubling, then bisection to ~3%); ``peaks`` holds the lengths measured so
+    far and gains the new ones."""
+    def fits(n: int) -> bool:
+        if n not in peaks:
+            peaks[n] = cpu_peak(model_path, mode, n)
+        return peaks[n] <= budget
+
+    lo = max((n for n, p in peaks.items() if p <= budget), default=0)
+    hi = min((n for n, p in peaks.items() if p > budget), default=None)
+    if hi is None:
+        hi = max(lo, 512) * 2
+        while fits(hi):
+            lo, hi = hi, hi * 2
+    while hi - lo > max(lo // 32, 128):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def gpu_longest(model_path: str, mode: str, start: int, limit: int) -> tuple[int, dict[int, int]]:
     ckpt, rank, offload = MODES[mode]
     model = build(model_path, "cuda", rank, ckpt)
@@ -122,6 +144,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="2048,8192,16384", help="CPU: lengths to measure")
     ap.add_argument("--budget-gb", type=float, default=None, help="CPU: memory for the extrapolation "
                     "(default: MemAvailable now)")
+    ap.add_argument("--search-gb", type=float, default=None, help="CPU: also search directly for the longest "
+                    "trajectory whose step stays within this many GiB (a fresh process per length tried)")
     ap.add_argument("--limit", type=int, default=1 << 17, help="GPU: longest length tried")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -151,6 +175,17 @@ def main() -> None:
                              longest_extrapolated=longest, budget_bytes=budget))
             print(f"{mode:<18} " + " ".join(f"{p / 2**20:>9.0f}" for p in peaks)
                   + f" {slope / 2**20:>10.3f} {longest if longest else 'n/a':>24}")
+        if args.search_gb:
+            cap = args.search_gb * 2**30
+            print(f"\nDirect search: longest trajectory whose step peaks within {args.search_gb:g} GiB")
+            print(f"{'mode':<18} {'longest (measured)':>19} {'peak there (MiB)':>17} {'lengths tried':>14}")
+            for row in rows:
+                tried = dict(zip(row["lengths"], row["peak_bytes"]))
+                n = cpu_longest(args.model, row["mode"], cap, tried)
+                row.update(search_budget_bytes=cap, longest_measured=n,
+                           search_peaks={k: v for k, v in sorted(tried.items())})
+                peak = f"{tried[n] / 2**20:.0f}" if n in tried else "n/a"
+                print(f"{row['mode']:<18} {n:>19} {peak:>17} {len(tried):>14}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=args.device, model=args.model, rows=rows), f, indent=1)

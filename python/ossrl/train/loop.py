@@ -454,8 +454,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         finished = [active[k] for k in done]
         carry = [g for k, g in enumerate(active) if k not in set(done)]
         t1 = time.perf_counter()
-        engine_steps, sampled, fed = (engine.stats[k] - before[k]
-                                      for k in ("steps", "generated_tokens", "forward_tokens"))
+        engine_steps, sampled, fed, preempted = (engine.stats[k] - before[k] for k in
+                                                 ("steps", "generated_tokens", "forward_tokens", "preemptions"))
         trajs = [t for g in finished for t in g.trajs]
         rewards = [task.reward(g.problem, t.final_answer) for g in finished for t in g.trajs]
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.group_size,
@@ -490,6 +490,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
             "engine_steps": int(engine_steps),
             "engine_batch_mean": sampled / max(engine_steps, 1),
             "engine_forward_tokens": int(fed),
+            "engine_preemptions": int(preempted),  # caches dropped for room, recomputed later
             "train_tokens_per_s": all_tokens / max(t2 - t1, 1e-9),
             "mean_turns": turns / n,
             "tool_calls": int(calls),
