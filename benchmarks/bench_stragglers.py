@@ -13,8 +13,8 @@ resumes them next step, so the batch stays full. Both runs here are the same ``o
 - staleness of the trained tokens (policy versions between sampling and training).
 
 Default: the tiny model with no warm-up, sampled at temperature 1, so each episode runs until a
-stop token comes up: lengths are geometric-like, a few to hundreds of tokens, like a long-tailed
-agentic batch in miniature. Anything after the flags overrides the config (`key=value`), e.g.
+stop token comes up: lengths are geometric-like, most under a few hundred tokens, the longest
+near the 1024-token cap, like a long-tailed agentic batch in miniature. Anything after the flags overrides the config (`key=value`), e.g.
 ``model=/path/to/gpt-oss-20b device=cuda max_new_tokens=16384`` on a GPU.
 
     python benchmarks/bench_stragglers.py
