@@ -289,10 +289,10 @@ class Engine:
         self._admit()
         rejected, self._rejected = self._rejected, []
         if not self._running:
-            if self._waiting and not rejected:
+            if self._waiting and not rejected:  # _admit preempts until something fits: an engine bug
                 raise RuntimeError(
-                    f"Engine: {len(self._waiting)} request(s) cannot be admitted: kept sequences hold "
-                    f"{self.num_blocks - len(self.cache.free)} of {self.num_blocks} cache blocks; release() their handles")
+                    f"Engine: internal error: {len(self._waiting)} request(s) not admitted with "
+                    f"{len(self.cache.free)} of {self.num_blocks} cache blocks free")
             return rejected
         batch, chunks, budget = [], [], self.step_tokens
         for seq in self._running:
