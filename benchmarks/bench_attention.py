@@ -268,6 +268,22 @@ def peer_eager(ctx, with_sinks):
     return f, "native"
 
 
+def transformers_available() -> bool:
+    """The HF eager peer is optional (``pip install 'ossrl[bench]'``): without it, say so once."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("transformers not installed: skipping the HF eager rows (pip install 'ossrl[bench]')")
+        return False
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward  # noqa: F401
+    except ImportError as e:
+        print(f"transformers {transformers.__version__} has no GPT-OSS ({e}): skipping the HF eager rows "
+              f"(pip install 'ossrl[bench]')")
+        return False
+    return True
+
+
 PEERS = {
     "ossrl": lambda ctx, s: peer_ossrl(ctx),
     "torch varlen_attn": peer_varlen_attn,
@@ -522,6 +538,8 @@ def main(argv=None):
             p.error(f"unknown peer {name!r}")
     if "ossrl" not in args.peers:
         args.peers.insert(0, "ossrl")
+    if "HF eager" in args.peers and not transformers_available():
+        args.peers.remove("HF eager")
     masks = [m.strip() for m in args.masks.split(",")]
 
     meta = dict(device=torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine(),

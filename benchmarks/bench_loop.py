@@ -113,6 +113,22 @@ def timed(fn, device):
     return time.perf_counter() - t0, out
 
 
+def transformers_available() -> bool:
+    """The common way runs on transformers, an optional peer (``pip install 'ossrl[bench]'``)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("transformers not installed: skipping the common way's column (pip install 'ossrl[bench]')")
+        return False
+    try:
+        from transformers import GptOssForCausalLM  # noqa: F401
+    except ImportError as e:
+        print(f"transformers {transformers.__version__} has no GPT-OSS ({e}): skipping the common way's column "
+              f"(pip install 'ossrl[bench]')")
+        return False
+    return True
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="ossrl train config keys")
@@ -120,6 +136,7 @@ def main():
     p.add_argument("--json")
     a = p.parse_args()
     cfg = load_config(None, a.overrides)
+    with_hf = transformers_available()
     model, tok = build(cfg)
     device = next(model.parameters()).device
     task = make_task(cfg.task)
@@ -132,16 +149,17 @@ def main():
     for g in opt.param_groups:
         g["lr"] = cfg.lr
 
-    from transformers import GptOssForCausalLM
+    if with_hf:
+        from transformers import GptOssForCausalLM
 
-    with tempfile.TemporaryDirectory() as d:
-        save_pretrained(model, d)
-        hf = GptOssForCausalLM.from_pretrained(d, dtype=torch.float32).to(device)
-        hf_rollout = GptOssForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
-    if device.type == "cpu":
-        hf.set_experts_implementation("eager")
-        hf_rollout.set_experts_implementation("eager")
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr)
+        with tempfile.TemporaryDirectory() as d:
+            save_pretrained(model, d)
+            hf = GptOssForCausalLM.from_pretrained(d, dtype=torch.float32).to(device)
+            hf_rollout = GptOssForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
+        if device.type == "cpu":
+            hf.set_experts_implementation("eager")
+            hf_rollout.set_experts_implementation("eager")
+        hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr)
 
     problems = task.sample(random.Random("bench"), cfg.prompts_per_step)
     group = [q for q in problems for _ in range(cfg.group_size)]
@@ -157,29 +175,41 @@ def main():
     ours = dict(rollout_s=r_s, train_s=t_s, sync_s=0.0, tokens=sum(len(t.tokens) for t in trajs),
                 generated=sum(sum(t.loss_mask) for t in trajs), reward=sum(rewards) / len(rewards))
 
-    with torch.no_grad():
-        r2, (hist, masks, rew2) = timed(lambda: hf_episodes(hf_rollout, tok, tools, task, group, cfg, device), device)
-    adv2 = group_advantages(torch.tensor(rew2, dtype=torch.float64), cfg.group_size).tolist()
-    hf.train()
-    t2, _ = timed(lambda: hf_train_step(hf, hf_opt, hist, masks, adv2, cfg, device), device)
-    s2, _ = timed(lambda: hf_rollout.load_state_dict(hf.state_dict()), device)
-    common = dict(rollout_s=r2, train_s=t2, sync_s=s2, tokens=sum(len(h) for h in hist),
-                  generated=sum(sum(k) for k in masks), reward=sum(rew2) / len(rew2))
+    common = None
+    if with_hf:
+        with torch.no_grad():
+            r2, (hist, masks, rew2) = timed(lambda: hf_episodes(hf_rollout, tok, tools, task, group, cfg, device),
+                                            device)
+        adv2 = group_advantages(torch.tensor(rew2, dtype=torch.float64), cfg.group_size).tolist()
+        hf.train()
+        t2, _ = timed(lambda: hf_train_step(hf, hf_opt, hist, masks, adv2, cfg, device), device)
+        s2, _ = timed(lambda: hf_rollout.load_state_dict(hf.state_dict()), device)
+        common = dict(rollout_s=r2, train_s=t2, sync_s=s2, tokens=sum(len(h) for h in hist),
+                      generated=sum(sum(k) for k in masks), reward=sum(rew2) / len(rew2))
 
     header = (f"ossrl {ossrl.__version__} | torch {torch.__version__} | {device} | model {cfg.model} | "
               f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples, up to {cfg.max_turns} turns")
     print(header)
-    print(f"{'phase':<12} {'ours s':>9} {'common s':>9} {'common/ours':>12}")
-    for k in ("rollout_s", "train_s", "sync_s"):
-        ratio = common[k] / ours[k] if ours[k] > 0 else float("inf")
-        print(f"{k[:-2]:<12} {ours[k]:>9.3f} {common[k]:>9.3f} {ratio:>12.2f}")
-    tot_o, tot_c = sum(ours[k] for k in ("rollout_s", "train_s", "sync_s")), sum(
-        common[k] for k in ("rollout_s", "train_s", "sync_s"))
-    print(f"{'step':<12} {tot_o:>9.3f} {tot_c:>9.3f} {tot_c / tot_o:>12.2f}")
-    print(f"generated tokens/s in rollout: ours {ours['generated'] / ours['rollout_s']:.0f}, "
-          f"common {common['generated'] / common['rollout_s']:.0f}; step tokens/s: ours {ours['tokens'] / tot_o:.0f}, "
-          f"common {common['tokens'] / tot_c:.0f}; mean reward: ours {ours['reward']:.3f}, common {common['reward']:.3f}")
-    print("sync: ours shares the trainer's storage with the engine (nothing moves); common reloads every tensor.")
+    phases = ("rollout_s", "train_s", "sync_s")
+    tot_o = sum(ours[k] for k in phases)
+    if common is None:
+        print(f"{'phase':<12} {'ours s':>9}")
+        for k in phases:
+            print(f"{k[:-2]:<12} {ours[k]:>9.3f}")
+        print(f"{'step':<12} {tot_o:>9.3f}")
+        print(f"generated tokens/s in rollout: ours {ours['generated'] / ours['rollout_s']:.0f}; "
+              f"step tokens/s: ours {ours['tokens'] / tot_o:.0f}; mean reward: ours {ours['reward']:.3f}")
+    else:
+        print(f"{'phase':<12} {'ours s':>9} {'common s':>9} {'common/ours':>12}")
+        for k in phases:
+            ratio = common[k] / ours[k] if ours[k] > 0 else float("inf")
+            print(f"{k[:-2]:<12} {ours[k]:>9.3f} {common[k]:>9.3f} {ratio:>12.2f}")
+        tot_c = sum(common[k] for k in phases)
+        print(f"{'step':<12} {tot_o:>9.3f} {tot_c:>9.3f} {tot_c / tot_o:>12.2f}")
+        print(f"generated tokens/s in rollout: ours {ours['generated'] / ours['rollout_s']:.0f}, "
+              f"common {common['generated'] / common['rollout_s']:.0f}; step tokens/s: ours {ours['tokens'] / tot_o:.0f}, "
+              f"common {common['tokens'] / tot_c:.0f}; mean reward: ours {ours['reward']:.3f}, common {common['reward']:.3f}")
+        print("sync: ours shares the trainer's storage with the engine (nothing moves); common reloads every tensor.")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(header=header, ours=ours, common=common), f, indent=1)

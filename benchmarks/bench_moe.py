@@ -59,6 +59,22 @@ def per_expert_loop(x, r, wgu, bgu, wd, bd):
     return out
 
 
+def transformers_available() -> bool:
+    """The transformers peer is optional (``pip install 'ossrl[bench]'``): without it, say so once."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("transformers not installed: skipping the transformers rows (pip install 'ossrl[bench]')")
+        return False
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: F401
+    except ImportError as e:
+        print(f"transformers {transformers.__version__} has no GPT-OSS ({e}): skipping the transformers rows "
+              f"(pip install 'ossrl[bench]')")
+        return False
+    return True
+
+
 def make_transformers(H, I, E, device):
     from transformers import GptOssConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
@@ -147,6 +163,8 @@ def main():
     experts = a.experts or [32, 128]
     repeat = a.repeat or (20 if gpu else 5)
     peers = [s.strip() for s in a.peers.split(",") if s.strip()]
+    if "transformers" in peers and not transformers_available():
+        peers.remove("transformers")
 
     header = (f"ossrl {ossrl.__version__} | torch {torch.__version__} | "
               f"{torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()} "

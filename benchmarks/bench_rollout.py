@@ -25,6 +25,10 @@ from ossrl.model import GptOss, GptOssConfig, save_pretrained
 from ossrl.rollout.engine import Engine, SamplingParams
 
 
+def fmt(x, spec):
+    return format(x, spec) if x is not None else format("-", ">" + spec.split(".")[0])
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -68,6 +72,22 @@ def theirs(hf, prompts, new_tokens, device):
     return time.perf_counter() - t0, first
 
 
+def transformers_available() -> bool:
+    """The transformers peer is optional (``pip install 'ossrl[bench]'``): without it, say so once."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("transformers not installed: skipping the transformers rows (pip install 'ossrl[bench]')")
+        return False
+    try:
+        from transformers import GptOssForCausalLM  # noqa: F401
+    except ImportError as e:
+        print(f"transformers {transformers.__version__} has no GPT-OSS ({e}): skipping the transformers rows "
+              f"(pip install 'ossrl[bench]')")
+        return False
+    return True
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,13 +108,15 @@ def main():
     dtype = torch.bfloat16 if gpu else torch.float32
     torch.manual_seed(0)
     model = GptOss(cfg).to(device=a.device, dtype=dtype).eval()
-    from transformers import GptOssForCausalLM
+    hf = None
+    if transformers_available():
+        from transformers import GptOssForCausalLM
 
-    with tempfile.TemporaryDirectory() as d:
-        save_pretrained(model, d)
-        hf = GptOssForCausalLM.from_pretrained(d, dtype=dtype).to(a.device).eval()
-    if not gpu:
-        hf.set_experts_implementation("eager")  # grouped_mm's CPU path rejects small odd shapes
+        with tempfile.TemporaryDirectory() as d:
+            save_pretrained(model, d)
+            hf = GptOssForCausalLM.from_pretrained(d, dtype=dtype).to(a.device).eval()
+        if not gpu:
+            hf.set_experts_implementation("eager")  # grouped_mm's CPU path rejects small odd shapes
     batches = a.batch or ([1, 4, 16, 64, 256] if gpu else [1, 4, 16, 64])
     rng = random.Random(0)
     header = (f"ossrl {ossrl.__version__} | torch {torch.__version__} | "
@@ -108,13 +130,15 @@ def main():
             prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(16, 128))] for _ in range(b)]
             ours(model, prompts[:1], 2, a.device)  # warm-up
             o_s, o_first = ours(model, prompts, a.new_tokens, a.device)
-            h_s, h_first = theirs(hf, prompts, a.new_tokens, a.device)
-            row = dict(batch=b, ours_tok_s=b * a.new_tokens / o_s, hf_tok_s=b * a.new_tokens / h_s,
-                       ours_ttft_ms=o_first * 1e3, hf_ttft_ms=h_first * 1e3)
-            row["speedup"] = row["ours_tok_s"] / row["hf_tok_s"]
+            row = dict(batch=b, ours_tok_s=b * a.new_tokens / o_s, ours_ttft_ms=o_first * 1e3)
+            if hf is not None:
+                h_s, h_first = theirs(hf, prompts, a.new_tokens, a.device)
+                row.update(hf_tok_s=b * a.new_tokens / h_s, hf_ttft_ms=h_first * 1e3)
+                row["speedup"] = row["ours_tok_s"] / row["hf_tok_s"]
             rows.append(row)
-            print(f"{b:>5} {row['ours_tok_s']:>11.1f} {row['hf_tok_s']:>10.1f} {row['speedup']:>8.2f}"
-                  f" {row['ours_ttft_ms']:>13.1f} {row['hf_ttft_ms']:>11.1f}")
+            print(f"{b:>5} {row['ours_tok_s']:>11.1f} {fmt(row.get('hf_tok_s'), '10.1f')}"
+                  f" {fmt(row.get('speedup'), '8.2f')} {row['ours_ttft_ms']:>13.1f}"
+                  f" {fmt(row.get('hf_ttft_ms'), '11.1f')}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(header=header, rows=rows), f, indent=1)

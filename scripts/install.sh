@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the ossrl wheel and installs it into a fresh virtual environment.
-#   scripts/install.sh [VENV]      (default .venv; OSSRL_EXTRAS=test adds the test dependencies)
+#   scripts/install.sh [VENV]      (default .venv; OSSRL_EXTRAS=test adds the test dependencies,
+#                                   bench the benchmarks' peers; a comma list such as test,bench both)
 # The wheel is built in build/env (torch, scikit-build-core, nvidia-cutlass headers) without
 # build isolation, so it links against the same torch release that it is installed beside.
 # CUDA kernels are compiled when nvcc is found (CUDA_HOME or /usr/local/cuda): OSSRL_CUDA=ON
