@@ -203,3 +203,51 @@ def test_a_pause_during_a_tool_call_keeps_its_result():
     assert t.turn_start == len(t.tokens) and not engine.kept  # result appended, KV released
     assert advance(engine, tok, _tools(), trajs, params, **kw) == [0, 1]
     assert t.final_answer == "done" and t.tokens[-len(answer):] == answer
+
+
+# ---- whatever the model writes is at worst a failed tool call in its episode ----
+
+
+def _fuzz_turns(tok, rng, n_turns):
+    """Random and adversarial model turns: raw random ids (special tokens included), and
+    harmony-shaped calls whose recipient, channel or constraint is garbled."""
+    sp = tok.SPECIAL
+    pieces = ["functions.a<b>", "functions.calculat", "functions.", "functions.calculator", " to=functions.x y",
+              "functions.\n", "assistant", "functions.calc\u00e9"]
+    turns = []
+    for _ in range(n_turns):
+        kind = rng.randrange(3)
+        if kind == 0:  # anything at all, stop token last (the engine stops there)
+            body = [rng.randrange(tok.VOCAB_SIZE) for _ in range(rng.randrange(1, 40))]
+            turns.append(body + [rng.choice([sp["<|call|>"], sp["<|return|>"]])])
+            continue
+        recipient = rng.choice(pieces)
+        if kind == 1:
+            junk = [rng.randrange(tok.VOCAB_SIZE) for _ in range(rng.randrange(4))]
+            recipient = recipient[:3] + tok.decode(junk) + recipient[3:]
+        text = f"<|channel|>commentary to={recipient} <|constrain|>json<|message|>{{\"x\": 1}}<|call|>"
+        ids = []
+        for part in text.replace("<|", "\0<|").replace("|>", "|>\0").split("\0"):
+            ids += [sp[part]] if part in sp else tok.encode(part)
+        turns.append(ids)
+    return turns
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fuzzed_model_output_never_ends_the_rollout(seed):
+    """The issue's case (`to=functions.a<b> <|constrain|>json...`) raised ValueError out of
+    advance(); random and adversarial turns must all end as episodes (answer, no_answer or
+    max_turns), their tool calls at worst failed ones."""
+    import random
+
+    tok = ByteTokenizer()
+    rng = random.Random(seed)
+    n = 12
+    script = {e: _fuzz_turns(tok, rng, 3) for e in range(n)}
+    trajs = [Trajectory.start([1000 + e, 7], seed=e) for e in range(n)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=500)
+    done = advance(_Scripted(script), tok, _tools(), trajs, params, max_turns=3, tool_timeout=5.0)
+    assert done == [0] and all(t.finish in ("answer", "no_answer", "max_turns") for t in trajs)
+    for t in trajs:  # every token accounted for: sampled ones carry the loss, tool results do not
+        assert len(t.tokens) == len(t.loss_mask) == len(t.rollout_logprobs) == len(t.versions)
+        assert t.tool_errors <= t.tool_calls <= 2

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import hashlib
+import re
 import threading
 from dataclasses import dataclass, field, replace
 
@@ -38,6 +39,7 @@ from .engine import Completion, Engine, Resume, SamplingParams
 from .tools import ToolCall, ToolRegistry, ToolResult
 
 CONTEXT = -1  # version of tokens the policy did not sample (prompt, tool results)
+_TOOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-.]*")
 
 
 @dataclass
@@ -185,7 +187,10 @@ def advance(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry, trajs: li
             t.tool_calls += 1
             t.tool_errors += not res.ok
             t.tool_seconds += res.seconds
-            ctx = encode_conversation(tokenizer, [tool_result(call.name, res.content)], add_generation_prompt=True)
+            # The result is addressed from the tool the model named; a name the model garbled
+            # (special tokens, spaces) cannot be a harmony role, so it answers as "invalid".
+            name = call.name if _TOOL_NAME.fullmatch(call.name or "") else "invalid"
+            ctx = encode_conversation(tokenizer, [tool_result(name, res.content)], add_generation_prompt=True)
             t.append(ctx, sampled=False)
             t.turn_start = len(t.tokens)
             handle = kept.pop(i)
