@@ -1,10 +1,14 @@
 """The rollout engine: greedy parity with transformers, resumption, log-probs, capacity."""
 
+import copy
+
 import pytest
 import torch
 
 from ossrl.model import GptOss, GptOssConfig, load_pretrained
 from ossrl.rollout.engine import Engine, Resume, SamplingParams
+
+from _tolerance import assert_within, rounding_scale
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=10)
 PROMPTS = [[5, 17, 3], [8] * 23, [1], list(range(40, 80))]  # lengths 3, 23, 1, 40
@@ -71,15 +75,20 @@ def test_resume_equals_generating_the_concatenation():
 
 def test_sampled_logprobs_are_the_models_log_softmax():
     m = _model(3)
+    m64 = copy.deepcopy(m).double()
     params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=12)
     outs = Engine(m, max_cache_tokens=512, seed=5).generate(PROMPTS, params)
     for p, o in zip(PROMPTS, outs):
         seq = p + o.tokens
-        ids = torch.tensor(seq)
+        ids, cu = torch.tensor(seq), torch.tensor([0, len(seq)], dtype=torch.int32)
+        rows = torch.arange(len(p) - 1, len(seq) - 1)
         with torch.no_grad():
-            logp = torch.log_softmax(m(ids, torch.tensor([0, len(seq)], dtype=torch.int32)).float(), -1)
-        ref = [logp[len(p) - 1 + i, t].item() for i, t in enumerate(o.tokens)]
-        assert o.logprobs == pytest.approx(ref, abs=1e-4)
+            logp = torch.log_softmax(m(ids, cu).float(), -1)[rows]
+            logp64 = torch.log_softmax(m64(ids, cu), -1)[rows]
+        ref = logp[torch.arange(len(rows)), torch.tensor(o.tokens)]
+        # The engine's passes (paged cache, other batch shapes) round differently from this full
+        # pass: 4x the full pass's float32 rounding (against float64) on this machine.
+        assert_within(torch.tensor(o.logprobs), ref, 4 * rounding_scale((logp, logp64)))
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy():
