@@ -14,7 +14,8 @@ from ossrl.train.loop import micro_batches, pack
 from ossrl.train.metrics import read
 
 SHORT = ["sft_steps=25", "steps=4", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=2",
-         "checkpoint_every=2", "max_turns=2", "micro_batch_tokens=1500"]
+         "checkpoint_every=2", "max_turns=2", "micro_batch_tokens=1500",
+         "filter_groups=false"]  # a short warm-up leaves no reward: train on every group anyway
 RESULTS = ("reward_mean", "loss", "tis_weight_mean", "generated_tokens", "tool_calls", "answered_frac")
 
 
@@ -85,6 +86,64 @@ def test_config_file_overrides_and_errors(tmp_path):
         main(["train", "--run-dir", str(tmp_path / "x"), "nonsense=1"])
 
 
+def test_the_config_file_is_the_default_written_out():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "arithmetic_tiny.toml"
+    assert load_config(path) == load_config(None)
+
+
+def test_learning_rate_schedule_and_its_config():
+    from ossrl.train.loop import scheduled_lr
+
+    cfg = load_config(None, ["min_lr_ratio=0.1"])
+    lrs = [scheduled_lr(1.0, i, 100, cfg, 10) for i in range(1, 101)]
+    assert lrs[:10] == pytest.approx([i / 10 for i in range(1, 11)])  # linear warm-up to the peak
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then it only decays ...
+    assert lrs[-1] == pytest.approx(0.1) and lrs[54] == pytest.approx(0.55)  # ... to 10%, half-way at the middle
+    assert scheduled_lr(2.0, 50, 100, load_config(None, ["lr_schedule=constant"]), 10) == 2.0
+    assert scheduled_lr(2.0, 5, 5, cfg, 0) == pytest.approx(0.2)  # no warm-up: the phase's end is the floor
+    for bad, match in [(["lr_schedule=linear"], "lr_schedule"), (["min_lr_ratio=1.5"], "min_lr_ratio"),
+                       (["warmup_steps=-1"], "warmup_steps"), (["demo_guess_rate=2"], "demo_guess_rate")]:
+        with pytest.raises(ValueError, match=match):
+            load_config(None, bad)
+
+
+def test_demonstrations_guess_at_the_configured_rate():
+    import random
+
+    from ossrl.train.tasks import make_task
+
+    task = make_task("arithmetic", demo_guess_rate=0.5)
+    problems = task.sample(random.Random(0), 400)
+    demos = [task.demonstration(p, random.Random(i)) for i, p in enumerate(problems)]
+    guesses = [(p, d) for p, d in zip(problems, demos) if len(d) == 1]
+    assert 150 < len(guesses) < 250  # binomial(400, 0.5): 5 sigma either side
+    for p, (answer,) in guesses:  # a guess is the answer with one digit changed: never rewarded
+        assert answer.channel == "final" and len(answer.content) == len(p.answer) and task.reward(p, answer.content) == 0
+        assert sum(a != b for a, b in zip(answer.content, p.answer)) == 1
+    for p, d in zip(problems, demos):  # the others call the tool and answer with its result
+        if len(d) == 3:
+            assert d[0].recipient == "functions.calculator" and d[0].content == p.prompt and d[2].content == p.answer
+    assert all(len(task.demonstration(p)) == 3 for p in problems[:20])  # no generator: the teacher never guesses
+
+
+def test_steps_without_signal_take_no_optimizer_step(tmp_path):
+    """No warm-up: no episode is rewarded, so every group has equal rewards and (filter_groups,
+    the default) no RL step moves the weights; the steps still run, log and checkpoint."""
+    from ossrl.train import checkpoint
+
+    run = tmp_path / "nosignal"
+    args = [a for a in SHORT if not a.startswith(("sft_steps=", "filter_groups="))] + ["sft_steps=0"]
+    assert main(["train", "--run-dir", str(run), *args]) == 0
+    steps = [r for r in read(run / "metrics.jsonl") if "reward_mean" in r]
+    assert len(steps) == 4 and all(r["reward_mean"] == 0 and r["signal_groups"] == 0 for r in steps)
+    assert all(r["grad_norm"] is None and r["trained_episodes"] == 0 for r in steps)
+    first = checkpoint.read_weights(run / "checkpoints" / "reference.safetensors")
+    _, last, _ = checkpoint.load(checkpoint.latest(run / "checkpoints"))
+    assert set(first) == set(last) and all(torch.equal(first[k], last[k]) for k in first)
+
+
 def test_pack_and_micro_batches():
     trajs = [Trajectory([1, 2, 3], [0, 1, 1], [0.0, -0.5, -0.25]), Trajectory([4, 5], [0, 1], [0.0, -1.0])]
     b = pack(trajs, "cpu")
@@ -148,7 +207,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, parallel, extra):
     import torch.multiprocessing as mp
 
     args = ["sft_steps=6", "steps=2", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=2",
-            "checkpoint_every=2", "max_turns=2", "sft_batch=8",
+            "checkpoint_every=2", "max_turns=2", "sft_batch=8", "filter_groups=false",
             "extra_groups=0", *extra]  # every group runs to the end: which ones finish first depends on the batch
     assert main(["train", "--run-dir", str(tmp_path / "one"), *args]) == 0
     args.append(f"parallel={parallel}")

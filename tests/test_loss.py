@@ -79,3 +79,16 @@ def test_policy_loss_shape_mismatch():
     a = torch.zeros(3)
     with pytest.raises(ValueError, match="share one shape"):
         policy_loss(a, a, a, a, torch.zeros(4))
+
+
+def test_signal_groups_keeps_groups_with_unequal_rewards():
+    from ossrl.train.loss import signal_groups
+
+    rewards = [1, 1, 0, 0] + [0, 0, 0, 0] + [1, 1, 1, 1] + [0.5] * 4 + [0, 1, 0, 0]
+    assert signal_groups(rewards, 4) == [0, 4]
+    assert signal_groups([], 4) == []
+    # the groups it drops are exactly those with every advantage 0
+    adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), 4).view(-1, 4)
+    assert [g for g in range(5) if adv[g].abs().max() > 0] == [0, 4]
+    with pytest.raises(ValueError, match="whole groups"):
+        signal_groups([1, 0, 1], 2)

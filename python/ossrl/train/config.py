@@ -23,11 +23,22 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16
     # supervised warm-up on generated demonstrations, then RL
-    sft_steps: int = 200
-    sft_batch: int = 32
+    sft_steps: int = 800
+    sft_batch: int = 64
     sft_lr: float = 3e-3
-    steps: int = 60
-    lr: float = 1e-3
+    sft_warmup_steps: int = 10
+    # the built-in task's teacher answers this fraction of its demonstrations from memory (a
+    # wrong guess) instead of calling the tool: the warm-up teaches the tool format, RL has to
+    # teach the policy to use the tool every time
+    demo_guess_rate: float = 0.5
+    steps: int = 50
+    lr: float = 2e-4
+    warmup_steps: int = 5  # RL: linear warm-up of the learning rate
+    # both phases: linear warm-up, then cosine decay to min_lr_ratio * peak at the phase's end
+    # ("constant": no decay). A decaying rate is what makes the warm-up's end point, and the RL
+    # policy's, stop depending on the last few noisy steps.
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     prompts_per_step: int = 16
@@ -49,6 +60,10 @@ class TrainConfig:
     reproducible_rollouts: bool = True  # tool results rejoin at the next engine step (same run every time)
     # training
     adv_scale: str = "std"  # std (GRPO) | none (Dr. GRPO)
+    # DAPO's dynamic sampling: groups whose rewards are all equal (no policy-gradient signal) are
+    # not trained on, and a step with no such group anywhere takes no optimizer step at all
+    # (Adam's momentum would otherwise keep moving the weights with nothing to learn from)
+    filter_groups: bool = True
     micro_batch_tokens: int = 8192
     parallel: str = "dp"  # under torchrun: dp (every rank holds the model) | fsdp (FSDP2 shards)
     activation_checkpointing: bool = False  # recompute each layer in the backward (long trajectories)
@@ -167,5 +182,14 @@ def validate(cfg: TrainConfig) -> None:
                              f"got {cfg.lora_targets!r}")
     if cfg.parallel not in ("dp", "fsdp"):
         raise ValueError(f"config key 'parallel' must be dp or fsdp, got {cfg.parallel!r}")
+    for key in ("warmup_steps", "sft_warmup_steps"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"config key 'lr_schedule' must be cosine or constant, got {cfg.lr_schedule!r}")
+    if not 0 <= cfg.demo_guess_rate <= 1:
+        raise ValueError(f"config key 'demo_guess_rate' must be in [0, 1], got {cfg.demo_guess_rate}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.tool_timeout <= 0:
         raise ValueError("config key 'tool_timeout' must be positive")

@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from ..rollout.engine import Engine, SamplingParams
 from ..rollout.tools import ToolRegistry
 from . import checkpoint
 from .config import TrainConfig
-from .loss import group_advantages, policy_loss
+from .loss import group_advantages, policy_loss, signal_groups
 from .metrics import MetricsLog
 from .fsdp import padding_pass
 from .parallel import DataParallel, make_parallel
@@ -132,6 +133,23 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def scheduled_lr(peak: float, i: int, n: int, cfg: TrainConfig, warmup: int) -> float:
+    """The learning rate of step i (1-based) of a phase of n steps: linear warm-up over ``warmup``
+    steps, then cosine decay to ``cfg.min_lr_ratio * peak`` at step n (``lr_schedule="constant"``:
+    no decay). A function of the step alone, so a resumed run continues on the same curve."""
+    if warmup and i <= warmup:
+        return peak * i / warmup
+    if cfg.lr_schedule == "constant" or n <= warmup:
+        return peak
+    progress = min(max((i - warmup) / (n - warmup), 0.0), 1.0)
+    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 @contextlib.contextmanager
 def offloaded(optimizer: torch.optim.Optimizer, enabled: bool):
     """Moves the optimizer's state to host memory for the duration (the rollout's KV cache gets
@@ -164,12 +182,13 @@ def activations_on_host(enabled: bool):
     return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
 
-def demonstrations(task, tokenizer, problems) -> list[Trajectory]:
-    """The task's demonstration conversations as trajectories (model turns carry the loss)."""
+def demonstrations(task, tokenizer, problems, rngs=None) -> list[Trajectory]:
+    """The task's demonstration conversations as trajectories (model turns carry the loss);
+    ``rngs``: one generator per problem for a teacher that is not always right."""
     trajs = []
-    for p in problems:
+    for j, p in enumerate(problems):
         t = Trajectory.start(encode_conversation(tokenizer, task.prompt(p), add_generation_prompt=True))
-        for m in task.demonstration(p):
+        for m in task.demonstration(p, rngs[j]) if rngs is not None else task.demonstration(p):
             if m.role == "assistant":
                 piece = encode_completion(tokenizer, m)
                 t.append(piece, sampled=True, logprobs=[0.0] * len(piece))
@@ -329,7 +348,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     device, _ = _device_dtype(cfg)
     model, tokenizer = build(cfg)
     model.activation_checkpointing = cfg.activation_checkpointing
-    task = make_task(cfg.task)
+    task = make_task(cfg.task, demo_guess_rate=cfg.demo_guess_rate)
     tools = ToolRegistry(builtins=task.tools)
     engine_model = rollout_copy(model, cfg, replica=dp.sharded)
     # The KL reference: the post-warm-up policy (a frozen copy, sharded like the trainer; in LoRA
@@ -409,13 +428,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         with tqdm(range(1, cfg.sft_steps + 1), desc="warm-up", disable=cfg.sft_steps == 0 or not dp.main,
                   leave=False) as bar:
             for i in bar:
+                set_lr(optimizer, scheduled_lr(cfg.sft_lr, i, cfg.sft_steps, cfg, cfg.sft_warmup_steps))
                 probs = task.sample(random.Random(f"{cfg.seed}-sft-{i}"), cfg.sft_batch)
                 lo, hi = dp.bounds(len(probs), "sft_batch")
-                batch = pack(demonstrations(task, tokenizer, probs[lo:hi]), device)
+                rngs = [random.Random(f"{cfg.seed}-demo-{i}-{j}") for j in range(lo, hi)]
+                batch = pack(demonstrations(task, tokenizer, probs[lo:hi], rngs), device)
                 loss = sft_step(model, optimizer, batch, cfg.grad_clip, dp)
                 write({"sft_step": i, "sft_loss": loss})
                 bar.set_postfix(loss=f"{loss:.3f}")
         sync_weights()
+        # RL gets an optimizer of its own: Adam's second moments from the warm-up (large early
+        # gradients, remembered over ~1/(1-beta2) = 1000 steps) would otherwise scale the first
+        # hundreds of RL updates down by a seed-dependent factor.
+        optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
         rate = evaluate(0)
         log(f"after warm-up: held-out success rate {rate:.3f}")
         if ref_model is not None:
@@ -427,13 +452,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     elif ref_model is not None:
         dp.load_state_dicts(ref_model, None, checkpoint.read_weights(ref_path), None)
 
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.lr
     eval_rate = float("nan")
     bar = tqdm(range(start_step + 1, cfg.steps + 1), desc="RL", initial=start_step, total=cfg.steps,
                disable=not dp.main)
     for step in bar:
-        version = step - 1  # optimizer steps taken since the warm-up: what the engine holds now
+        version = step - 1  # RL steps since the warm-up: what the engine holds now
+        lr = scheduled_lr(cfg.lr, step, cfg.steps, cfg, cfg.warmup_steps)
+        set_lr(optimizer, lr)
         t0 = time.perf_counter()
         busy.start()
         # Carried groups first; those sampled too long ago are dropped (their tokens would be too stale).
@@ -460,8 +485,18 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         rewards = [task.reward(g.problem, t.final_answer) for g in finished for t in g.trajs]
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.group_size,
                                scale=cfg.adv_scale).tolist() if rewards else []
+        signal = signal_groups(rewards, cfg.group_size)
+        (signal_all,) = dp.sum([len(signal)], device)
+        if cfg.filter_groups:
+            keep = [k * cfg.group_size + j for k in signal for j in range(cfg.group_size)]
+            train_trajs, train_adv = [trajs[i] for i in keep], [adv[i] for i in keep]
+        else:
+            train_trajs, train_adv = trajs, adv
         model.train()
-        stats = train_step(model, optimizer, trajs, adv, cfg, device, dp, ref_model)
+        if signal_all or not cfg.filter_groups:
+            stats = train_step(model, optimizer, train_trajs, train_adv, cfg, device, dp, ref_model)
+        else:  # nothing to learn from anywhere: no step (Adam's momentum would still move the weights)
+            stats = dict.fromkeys(("loss", "grad_norm", "tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl"))
         t2 = time.perf_counter()
         # Weight sync into the engine's layout, in place (nothing to move when it shares storage).
         synced = sync_weights()
@@ -479,6 +514,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
             "step": step,
             "reward_mean": reward_sum / n,
             **stats,
+            "lr": lr,
+            "signal_groups": int(signal_all),  # groups with unequal rewards (what the step learns from)
+            "trained_episodes": int(dp.sum([len(train_trajs)], device)[0]),
             "rollout_s": t1 - t0, "train_s": t2 - t1, "sync_s": t3 - t2,
             "gpu_busy_frac": busy.stop(),
             "sync_bytes": synced.bytes_moved if synced else 0,

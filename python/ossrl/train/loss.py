@@ -36,12 +36,21 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "std", ep
     return a.view(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
+def signal_groups(rewards: list[float], group_size: int) -> list[int]:
+    """Indices of the groups whose rewards are not all equal: the others have every advantage
+    0 and teach the policy nothing (DAPO's dynamic sampling filters them out)."""
+    if len(rewards) % group_size:
+        raise ValueError(f"{len(rewards)} rewards are not whole groups of {group_size}")
+    groups = (rewards[k:k + group_size] for k in range(0, len(rewards), group_size))
+    return [g for g, r in enumerate(groups) if max(r) > min(r)]
+
+
 @dataclass
 class LossConfig:
     clip_low: float = 0.2  # ratio lower bound 1 - clip_low
     clip_high: float = 0.28  # ratio upper bound 1 + clip_high (DAPO clip-higher)
     tis_cap: float = 2.0  # C in w = min(exp(logp_old - logp_rollout), C); <= 0 disables
-    kl_coef: float = 0.0  # weight of the k3 KL estimate to the reference policy
+    kl_coef: float = 0.05  # weight of the k3 KL estimate to the reference policy (the post-warm-up one)
 
 
 def policy_loss(

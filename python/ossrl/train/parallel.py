@@ -67,6 +67,9 @@ class DataParallel:
         """One all-reduce over every gradient, flattened into a single buffer."""
         if not self.on:
             return
+        for p in model.parameters():  # a rank with nothing to train on this step adds zeros
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)

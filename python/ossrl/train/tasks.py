@@ -33,9 +33,12 @@ class ArithmeticTask:
     tools = ("calculator",)
     system = "Use the calculator tool, then give only the number."
 
-    def __init__(self, low: int = 10, high: int = 99, ops: str = "+-*"):
+    def __init__(self, low: int = 10, high: int = 99, ops: str = "+-*", demo_guess_rate: float = 0.0):
         # Two-digit operands: a fixed-width prompt, so copying it into the call is a fixed offset.
         self.low, self.high, self.ops = low, high, ops
+        if not 0.0 <= demo_guess_rate <= 1.0:
+            raise ValueError(f"demo_guess_rate must be in [0, 1], got {demo_guess_rate}")
+        self.demo_guess_rate = demo_guess_rate
 
     @staticmethod
     def _split(a: int, op: str, b: int) -> str:
@@ -51,15 +54,24 @@ class ArithmeticTask:
             op = rng.choice(self.ops)
             if self._split(a, op, b) != split:
                 continue
-            value = {"+": a + b, "-": a - b, "*": a * b}[op]
-            out.append(Problem(prompt=f"{a}{op}{b}", answer=str(value)))
+            out.append(Problem(prompt=f"{a}{op}{b}", answer=str(_apply(a, op, b))))
         return out
 
     def prompt(self, p: Problem) -> list[Message]:
         return [Message("user", p.prompt)]
 
-    def demonstration(self, p: Problem) -> list[Message]:
-        """The conversation after the prompt: call the tool, read its result, answer."""
+    def demonstration(self, p: Problem, rng: random.Random | None = None) -> list[Message]:
+        """The conversation after the prompt: call the tool, read its result, answer with it.
+
+        The teacher does not always use the tool: with probability ``demo_guess_rate`` (drawn
+        from ``rng``) it answers at once, from memory, and gets a digit wrong. The warm-up thus
+        teaches the whole tool format (call, read the result, answer with it) but leaves the
+        policy unsure whether to use the tool at all: the decision RL with a verifiable reward
+        has to make."""
+        if rng is not None and rng.random() < self.demo_guess_rate:
+            k = rng.choice([i for i, c in enumerate(p.answer) if c.isdigit()])
+            guess = p.answer[:k] + rng.choice([d for d in "0123456789" if d != p.answer[k]]) + p.answer[k + 1:]
+            return [Message("assistant", guess, channel="final")]
         # The calculator takes its expression as plain text too: a short call for a small model.
         call = Message("assistant", p.prompt, channel="commentary", recipient="functions.calculator")
         return [
@@ -72,10 +84,14 @@ class ArithmeticTask:
         return 1.0 if final_answer is not None and final_answer.strip() == p.answer else 0.0
 
 
+def _apply(a: int, op: str, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
 TASKS = {"arithmetic": ArithmeticTask}
 
 
-def make_task(name: str):
+def make_task(name: str, **options):
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r} (built in: {', '.join(TASKS)})")
-    return TASKS[name]()
+    return TASKS[name](**options)
