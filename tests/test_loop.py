@@ -323,3 +323,29 @@ def test_train_from_a_hugging_face_checkpoint_folder(tmp_path):
     weights = load_file(saved)
     before = load_pretrained(folder, dtype=torch.float32).state_dict()
     assert weights.keys() <= before.keys() and any(not torch.equal(weights[k], before[k]) for k in weights)
+
+
+def test_a_non_finite_gradient_skips_the_update_and_the_run_goes_on(tmp_path, monkeypatch):
+    from ossrl.train import checkpoint, loop
+
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def poisoned(params, max_norm, *a, **k):
+        params = list(params)
+        real(params, max_norm, *a, **k)
+        calls["n"] += 1
+        if calls["n"] > 25:  # the RL steps (the warm-up's 25 steps are left alone)
+            for p in params:
+                p.grad.fill_(float("nan"))
+            return torch.tensor(float("nan"))
+        return torch.tensor(1.0)
+
+    monkeypatch.setattr(loop.torch.nn.utils, "clip_grad_norm_", poisoned)
+    run = tmp_path / "nan"
+    assert main(["train", "--run-dir", str(run), *SHORT]) == 0
+    steps = [r for r in read(run / "metrics.jsonl") if "reward_mean" in r]
+    assert len(steps) == 4 and all(r["nonfinite_grad"] and r["grad_norm"] is None for r in steps)
+    first = checkpoint.read_weights(run / "checkpoints" / "reference.safetensors")  # the post-warm-up weights
+    _, last, _ = checkpoint.load(checkpoint.latest(run / "checkpoints"))
+    assert all(torch.equal(first[k], last[k]) and torch.isfinite(last[k]).all() for k in first)

@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
         except (ValueError, OSError) as e:
             parser.error(str(e))
-        run_dir = train(cfg, args.run_dir, resume=args.resume)
+        from .train.checkpoint import ResumeError
+
+        try:
+            run_dir = train(cfg, args.run_dir, resume=args.resume)
+        except ResumeError as e:
+            parser.exit(2, f"ossrl train --resume: {e}\n")
         print(f"metrics: {run_dir / 'metrics.jsonl'}; plots: " + ", ".join(str(p) for p in plot(run_dir)))
     elif args.command == "plot":
         from .train.metrics import plot

@@ -6,6 +6,7 @@ Configs are untrusted input: unknown keys and wrongly typed values are errors th
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,8 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
     if isinstance(current, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key {key!r} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
         return float(value)
     if isinstance(current, str):
         if not isinstance(value, str):
@@ -191,5 +194,18 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"config key 'demo_guess_rate' must be in [0, 1], got {cfg.demo_guess_rate}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise ValueError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio}")
-    if cfg.tool_timeout <= 0:
-        raise ValueError("config key 'tool_timeout' must be positive")
+    # Every float is finite already (_coerce); these must also be positive / non-negative. A
+    # NaN or negative rate would otherwise train garbage into checkpoints that rotate good ones away.
+    floats = [(cfg, k, "> 0") for k in ("lr", "sft_lr", "grad_clip", "tool_timeout", "lora_alpha")]
+    floats += [(cfg, k, ">= 0") for k in ("weight_decay", "temperature")]
+    floats += [(cfg.loss, k, ">= 0") for k in ("clip_low", "clip_high", "kl_coef")]
+    for obj, key, rule in floats:
+        v = getattr(obj, key)
+        name = f"loss.{key}" if obj is cfg.loss else key
+        if not math.isfinite(v) or (v <= 0 if rule == "> 0" else v < 0):
+            raise ValueError(f"config key {name!r} must be a finite number {rule}, got {v}")
+    if cfg.loss.clip_low >= 1:
+        raise ValueError(f"config key 'loss.clip_low' must be below 1 (the ratio's lower bound is 1 - clip_low), "
+                         f"got {cfg.loss.clip_low}")
+    if not math.isfinite(cfg.loss.tis_cap):
+        raise ValueError(f"config key 'loss.tis_cap' must be finite (<= 0 turns the correction off), got {cfg.loss.tis_cap}")

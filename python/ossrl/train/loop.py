@@ -328,10 +328,15 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
     dp.reduce_grads(model)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-    optimizer.step()
+    finite = bool(torch.isfinite(grad_norm))  # the same on every rank: the norm of the summed gradients
+    if finite:
+        optimizer.step()
+    else:  # one bad batch (an overflow, a NaN log-prob) must not poison the weights: skip the update
+        optimizer.zero_grad(set_to_none=True)
     keys = ["tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl"]
     values = dp.sum([loss_value] + [sums.get(k, 0.0) for k in keys], device)
-    return {"loss": values[0], "grad_norm": float(grad_norm), **dict(zip(keys, values[1:]))}
+    return {"loss": values[0], "grad_norm": float(grad_norm) if finite else None, "nonfinite_grad": not finite,
+            **dict(zip(keys, values[1:]))}
 
 
 # ---- the loop ----
@@ -497,6 +502,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
             stats = train_step(model, optimizer, train_trajs, train_adv, cfg, device, dp, ref_model)
         else:  # nothing to learn from anywhere: no step (Adam's momentum would still move the weights)
             stats = dict.fromkeys(("loss", "grad_norm", "tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl"))
+            stats["nonfinite_grad"] = False
         t2 = time.perf_counter()
         # Weight sync into the engine's layout, in place (nothing to move when it shares storage).
         synced = sync_weights()
