@@ -132,14 +132,34 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
         self.path = path
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # Control tokens: the harmony specials and every added token spelled <|...|>, whether the
+        # file marks them special or not (tokenizers matches a non-special added token in any text).
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        names = sorted({n for n in added if n.startswith("<|") and n.endswith("|>")} |
+                       {n for n in HARMONY_SPECIAL_TOKENS if self._tok.token_to_id(n) is not None}, key=len, reverse=True)
+        self._control_ids = {self._tok.token_to_id(n) for n in names}
+        self._control_re = re.compile("|".join(map(re.escape, names))) if names else None
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        # encode_special_tokens=True makes added/special tokens in the text ordinary text.
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        # encode_special_tokens=True makes special added tokens in the text ordinary text.
         self._tok.encode_special_tokens = not allow_special
         try:
             return self._tok.encode(text, add_special_tokens=False).ids
         finally:
             self._tok.encode_special_tokens = False
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        ids = self._encode(text, allow_special)
+        if allow_special or self._control_re is None or self._control_ids.isdisjoint(ids):
+            return ids
+        # A control token's spelling in plain text became the token (an added token the file did
+        # not mark special): encode again with every such spelling cut after its first character,
+        # so the text stays the same and no piece can match.
+        out, pos = [], 0
+        for m in self._control_re.finditer(text):
+            out += self._encode(text[pos:m.start() + 1], False)
+            pos = m.start() + 1
+        return out + self._encode(text[pos:], False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
