@@ -568,3 +568,20 @@ def test_harmony_encode_and_parse_tool_call(which, hf_tokenizer_dir):
     alt = parse_completion(" to=functions.get_weather<|channel|>commentary json<|message|>{}<|call|>")
     assert (alt[0].recipient, alt[0].channel, alt[0].content_type, alt[0].is_tool_call) == (
         "functions.get_weather", "commentary", "json", True)
+
+
+def test_a_config_the_tensors_do_not_match_fails_before_allocating(tmp_path):
+    """config.json is checked against the safetensors headers first: a hidden size of 1e9 or
+    20,000 layers is an error naming the file at once, not a terabyte allocation or minutes of
+    model building; a config nested 100k deep is a ConfigError, not a RecursionError."""
+    _hf_checkpoint(tmp_path, **CONFIGS["gqa2-e4k2"])
+    good = json.loads((tmp_path / "config.json").read_text())
+    for edit, match in [({"hidden_size": 10**9}, r"shape .* expected .*1000000000"),
+                        ({"num_hidden_layers": 20000, "layer_types": ["full_attention"] * 20000},
+                         "num_hidden_layers is 20000 but the checkpoint's tensors hold 2 layers")]:
+        (tmp_path / "config.json").write_text(json.dumps({**good, **edit}))
+        with pytest.raises(CheckpointError, match=match):  # the old code allocated 1 TB / built 20k layers first
+            load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="config.json"):
+        load_pretrained(tmp_path)

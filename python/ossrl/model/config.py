@@ -125,8 +125,8 @@ class GptOssConfig:
             raise ConfigError(f"{path}: no such file (a GPT-OSS checkpoint folder needs a config.json)") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
         try:
             return cls.from_dict(data)
         except ConfigError as e:

@@ -53,8 +53,11 @@ def load_pretrained(path: str | os.PathLike, *, device: str | torch.device = "cp
     if not dtype.is_floating_point:
         raise ValueError(f"load_pretrained: dtype must be a floating-point dtype, got {dtype}")
     config = GptOssConfig.from_json_file(os.path.join(path, "config.json"))
+    headers = _read_headers(path)
+    _check_layer_count(path, config, headers)  # before building: 20k layers take minutes even on meta
     with torch.device("meta"):
         model = GptOss(config)
+    _check_headers(path, config, model, headers)  # before allocating anything
     model = model.to(dtype=dtype).to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty allocates each module's parameters anew, which unties them
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -165,6 +168,53 @@ def _shard_files(path: str) -> list[str]:
     if os.path.exists(single):
         return [single]
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _read_headers(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (shard, shape) from the safetensors headers alone (no tensor data read)."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for shard in _shard_files(path):
+        try:
+            with safe_open(shard, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name in out:
+                        raise CheckpointError(f"{shard}: tensor {name!r} is stored more than once in the checkpoint")
+                    out[name] = (shard, tuple(f.get_slice(name).get_shape()))
+        except SafetensorError as e:
+            raise CheckpointError(f"{shard}: cannot read safetensors file ({e})") from None
+    return out
+
+
+def _check_layer_count(path: str, config: GptOssConfig, headers: dict) -> None:
+    layers = {int(n.split(".")[2]) for n in headers if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    have = max(layers) + 1 if layers else 0
+    if have != config.num_hidden_layers:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: num_hidden_layers is {config.num_hidden_layers} "
+                              f"but the checkpoint's tensors hold {have} layers")
+
+
+def _check_headers(path: str, config: GptOssConfig, model: GptOss, headers: dict) -> None:
+    """Every parameter's shape (dense, or MXFP4 blocks and scales) against the headers."""
+    for name, p in model.named_parameters():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        want = tuple(p.shape)
+        if name in headers:
+            shard, got = headers[name]
+            if got != want:
+                raise CheckpointError(f"{shard}: tensor {name!r} has shape {got}, expected {want} from config.json")
+        elif name.endswith(_MXFP4) and want[1] % 32 == 0 and (f"{name}_blocks" in headers or f"{name}_scales" in headers):
+            e, c, r = want
+            for part, shape in (("blocks", (e, r, c // 32, 16)), ("scales", (e, r, c // 32))):
+                if f"{name}_{part}" not in headers:
+                    other = "scales" if part == "blocks" else "blocks"
+                    raise CheckpointError(f"checkpoint has {name}_{other} but no {name}_{part}")
+                shard, got = headers[f"{name}_{part}"]
+                if got != shape:
+                    raise CheckpointError(f"{shard}: tensor '{name}_{part}' has shape {got}, expected {shape} "
+                                          f"from config.json")
 
 
 def _iter_tensors(path: str) -> Iterator[tuple[str, str, Tensor]]:
