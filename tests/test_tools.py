@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -460,3 +461,97 @@ def test_sandbox_layers_reported(layers):
 
 # A marker the sandboxed code must never be able to read out of this file:
 # TOP-SECRET-MARKER-IN-THIS-FILE
+
+
+# ---- what root could still do to the trainer or the host (the issue's probes), one test each ----
+
+_X86 = os.uname().machine == "x86_64"
+_LIBC = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+_RAISE = "\nif r != 0:\n    raise PermissionError(ctypes.get_errno(), 'refused')\nprint('ESCAPED')"
+_HOST_ATTACKS = {
+    "pidfd_send_signal to the trainer": "import os, signal\n"
+        "signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGUSR1)\nprint('ESCAPED')",
+    "rt_sigqueueinfo to the trainer": _LIBC + "buf = ctypes.create_string_buffer(128)\n"
+        f"r = libc.syscall({129 if _X86 else 138}, os.getppid(), 10, buf)" + _RAISE,
+    "rt_tgsigqueueinfo to the trainer": _LIBC + "buf = ctypes.create_string_buffer(128)\n"
+        f"r = libc.syscall({297 if _X86 else 240}, os.getppid(), os.getppid(), 10, buf)" + _RAISE,
+    "renice the trainer": "import os\nos.setpriority(os.PRIO_PROCESS, os.getppid(), 19)\nprint('ESCAPED')",
+    "pin the trainer to one core": "import os\nos.sched_setaffinity(os.getppid(), {0})\nprint('ESCAPED')",
+    "real-time priority for itself": "import os\nos.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))\n"
+        "print('ESCAPED')",
+    "set the host name (to itself)": _LIBC + "n = os.uname().nodename.encode()\nr = libc.sethostname(n, len(n))" + _RAISE,
+    "set the clock (a no-op adjtimex read is fine, a set is not)": _LIBC +
+        "import time\nclass TV(ctypes.Structure):\n    _fields_ = [('s', ctypes.c_long), ('us', ctypes.c_long)]\n"
+        "t = time.time()\nr = libc.settimeofday(ctypes.byref(TV(int(t), int(t % 1 * 1e6))), None)" + _RAISE,
+    "extended attributes": "import os\nopen('f', 'w').close()\nos.setxattr('f', 'user.x', b'1')\nprint('ESCAPED')",
+    "timestamps": "import os\nopen('f', 'w').close()\nos.utime('f', (0, 0))\nprint('ESCAPED')",
+    "inode flags (immutable)": "import fcntl, os, struct\nfd = os.open('.', os.O_RDONLY)\n"
+        "fcntl.ioctl(fd, 0x40086602, struct.pack('l', 0))\nprint('ESCAPED')",
+}
+
+
+@linux_only
+@pytest.mark.parametrize("hook, landlock", [(False, False), (False, True), (True, True)],
+                         ids=["no-hook-no-landlock", "no-hook", "all-layers"])
+def test_sandbox_cannot_signal_reschedule_or_touch_the_host(layers, hook, landlock):
+    """seccomp alone (audit hook off, Landlock off: an old kernel, a container) must stop what
+    root could otherwise do to the trainer and the host; the trainer must receive no signal."""
+    if layers.get("seccomp") is not True:
+        pytest.skip(f"seccomp is not available here: {layers.get('seccomp')}")
+    if landlock and layers.get("landlock") is not True:
+        pytest.skip("landlock is not available here")
+    got = []
+    old = signal.signal(signal.SIGUSR1, lambda *a: got.append(a))
+    affinity, nice = os.sched_getaffinity(0), os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        cfg = SandboxConfig(audit_hook=hook, landlock=landlock, require=("seccomp",), memory_bytes=256 << 20)
+        for name, code in _HOST_ATTACKS.items():
+            r = _py(code, config=cfg)
+            assert not r.ok and "ESCAPED" not in r.content, (name, r)
+            assert r.error in ("exception", "sandbox_violation") and ("PermissionError" in r.content or
+                                                                      "SandboxViolation" in r.content), (name, r)
+        time.sleep(0.2)
+        assert got == [], "the trainer received a signal from the sandbox"
+        assert os.sched_getaffinity(0) == affinity and os.getpriority(os.PRIO_PROCESS, 0) == nice
+        assert _py("print(6 * 7)", config=cfg).content == "42\n"
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        os.sched_setaffinity(0, affinity)
+
+
+def _set_inode_flags(path, flags) -> bool:
+    import fcntl
+    import struct
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, 0x40086602, struct.pack("l", flags))  # FS_IOC_SETFLAGS
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@linux_only
+def test_cleanup_follows_no_symlink_the_sandbox_made(tmp_path):
+    """The cleanup's fix-and-retry chmod-ed a host directory 0700 through a symlink the code
+    left in a directory it could not empty (read-only; as root: immutable)."""
+    from ossrl.rollout.tools import _rmtree
+
+    host = tmp_path / "host_dir"
+    host.mkdir()
+    host.chmod(0o755)
+    d = tmp_path / "sandbox_tmp"
+    (d / "ro").mkdir(parents=True)
+    os.symlink(host, d / "ro" / "link")
+    os.symlink(host, d / "link")
+    stuck = _set_inode_flags(d / "ro", 0x10) if os.geteuid() == 0 else ((d / "ro").chmod(0o500) or True)
+    if not stuck:
+        pytest.skip("cannot make a directory immutable here (filesystem or capability)")
+    try:
+        _rmtree(str(d))
+    finally:
+        if os.geteuid() == 0:
+            _set_inode_flags(d / "ro", 0)
+    assert (host.stat().st_mode & 0o777) == 0o755 and host.is_dir()

@@ -51,9 +51,16 @@ afterwards. Before the model's code runs, the bootstrap locks the process down i
    apply to root, which is why layer 4 exists.
 4. seccomp-bpf (x86-64 and aarch64, no privileges needed beyond ``no_new_privs``): fork, vfork,
    clone (threads too: the sandbox is single-threaded), execve, socket, ptrace, mount,
-   namespaces, bpf, io_uring, chmod/chown, mknod, raising rlimits, kernel keyrings and signals
-   to other processes all fail with EPERM. Other ABIs (i386/x32 entry points) kill the process.
-   This layer contains fork bombs even as root.
+   namespaces, bpf, io_uring, chmod/chown, mknod, raising rlimits, kernel keyrings, signals
+   to other processes (kill/tgkill to itself only; tkill, pidfd_open/pidfd_send_signal/
+   pidfd_getfd, rt_sigqueueinfo and rt_tgsigqueueinfo not at all), scheduling and memory
+   placement of any process (setpriority, sched_set*, ioprio_set, migrate/move_pages,
+   process_madvise, kcmp), the clock (settimeofday, clock_settime, adjtimex, clock_adjtime),
+   the host and domain names, extended attributes (set/remove), timestamps (utime*),
+   fanotify, and the ioctls that make files immutable or append-only all fail with EPERM.
+   Other ABIs (i386/x32 entry points) kill the process. This layer contains fork bombs even
+   as root, and keeps root's remaining capabilities away from the clock, the host name and
+   other processes on kernels where Landlock is older than ABI 6 or absent.
 5. An audit hook (``sys.addaudithook``), installed last. It refuses socket use, process creation
    (``os.fork``, ``os.exec*``, ``os.system``, ``subprocess``, ``posix_spawn``), signals, ctypes,
    raising rlimits and ``gc`` introspection. It refuses ``open()`` for writing outside the
@@ -84,6 +91,13 @@ Remaining exposure, even with every layer active:
 Without Landlock, file access rests on the audit hook alone. Without seccomp, as root, so do
 process creation, sockets, and chmod/chown of files anywhere (Landlock does not cover those);
 the network namespace still removes the network. Use a container or VM for stronger isolation.
+
+Not yet covered (see the project's hardening issue): the sandbox keeps the trainer's uid and,
+as root, its capabilities (no uid drop into a user namespace yet), so with Landlock off or
+below ABI 6 what stands between root's code and the host's files is the audit hook, which
+native code can bypass; the temporary directory has no total size limit (``file_size_bytes``
+bounds each file, ``max_open_files`` their number at once). The cleanup of the temporary
+directory follows no symlink the code made.
 Each call is stateless: no variables survive between calls.
 
 ``calculator`` evaluates arithmetic by walking the ``ast``: numbers, ``+ - * / // % **``
@@ -98,6 +112,7 @@ import inspect
 import json
 import math
 import os
+import stat
 import shutil
 import signal
 import sys
@@ -339,15 +354,23 @@ def _seccomp(ctypes, libc):
         deny = [57, 58, 56, 435, 59, 322, 41, 53, 101, 200, 160, 165, 166, 155, 161, 272, 308,
                 321, 298, 250, 248, 249, 175, 313, 176, 246, 320, 169, 167, 168, 304, 303, 310,
                 311, 323, 425, 426, 427, 90, 91, 268, 452, 92, 93, 94, 260, 133, 259, 428, 429,
-                430, 431, 432, 433, 442, 179, 163]
-        kill_nr, tgkill_nr, prlimit_nr = 62, 234, 302
+                430, 431, 432, 433, 442, 179, 163,
+                # signals by pidfd or with a payload, other processes' memory and scheduling,
+                # the clock, the host name, extended attributes, timestamps, fanotify: things
+                # root could otherwise do to the trainer or the host even without Landlock
+                434, 424, 438, 129, 297, 440, 312, 141, 203, 144, 142, 314, 251, 256, 279,
+                164, 227, 305, 159, 170, 171, 188, 189, 190, 197, 198, 199, 463, 466, 300, 301,
+                280, 235, 132, 261]
+        kill_nr, tgkill_nr, prlimit_nr, ioctl_nr = 62, 234, 302, 16
     elif machine in ("aarch64", "arm64"):
         arch = 0xC00000B7
         deny = [220, 435, 221, 281, 198, 199, 117, 130, 164, 40, 39, 41, 51, 97, 268, 280, 241,
                 219, 217, 218, 105, 273, 106, 104, 294, 142, 224, 225, 265, 264, 270, 271, 282,
                 425, 426, 427, 52, 53, 452, 54, 55, 33, 428, 429, 430, 431, 432, 433, 442, 60,
-                89]
-        kill_nr, tgkill_nr, prlimit_nr = 129, 131, 261
+                89,
+                434, 424, 438, 138, 240, 440, 272, 140, 122, 119, 118, 274, 30, 238, 239,
+                170, 112, 266, 171, 161, 162, 5, 6, 7, 14, 15, 16, 463, 466, 262, 263, 88]
+        kill_nr, tgkill_nr, prlimit_nr, ioctl_nr = 129, 131, 261, 29
     else:
         return "unsupported machine %s" % machine
     LD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06
@@ -361,6 +384,9 @@ def _seccomp(ctypes, libc):
     for nr in (kill_nr, tgkill_nr):  # signals only to itself
         prog += [(JEQ, 0, 4, nr), (LD, 0, 0, 16), (JEQ, 0, 1, me), (RET, 0, 0, ALLOW),
                  (RET, 0, 0, ERRNO)]
+    # ioctl: not the inode-flag setters (immutable / append-only files the cleanup cannot remove)
+    for cmd in (0x40086602, 0x40046602, 0x401C5820):  # FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR
+        prog += [(JEQ, 0, 4, ioctl_nr), (LD, 0, 0, 24), (JEQ, 0, 1, cmd), (RET, 0, 0, ERRNO), (LD, 0, 0, 0)]
     # prlimit64 only to read limits (new_limit pointer, args[2], must be NULL)
     prog += [(JEQ, 0, 6, prlimit_nr), (LD, 0, 0, 32), (JEQ, 0, 3, 0), (LD, 0, 0, 36),
              (JEQ, 0, 1, 0), (RET, 0, 0, ALLOW), (RET, 0, 0, ERRNO)]
@@ -670,10 +696,18 @@ def _stdlib_paths(python: str) -> tuple[str, ...]:
 
 
 def _rmtree(path: str) -> None:
+    """Removes a sandbox's temporary directory, following nothing the sandbox made: a path that
+    failed is made writable only if it is a real directory (not a symlink) inside ``path``."""
+    root = os.path.realpath(path)
+
     def onerror(func, p, exc_info):  # read-only directories made by the code: fix and retry
         try:
-            os.chmod(p if os.path.isdir(p) else os.path.dirname(p), 0o700)
-            func(p)
+            target = p if stat.S_ISDIR(os.lstat(p).st_mode) else os.path.dirname(p)
+            st = os.lstat(target)
+            real = os.path.realpath(target)
+            if stat.S_ISDIR(st.st_mode) and (real == root or real.startswith(root + os.sep)):
+                os.chmod(target, 0o700)  # a real directory: chmod does not follow anything
+                func(p)
         except OSError:
             pass
 
