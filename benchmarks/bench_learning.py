@@ -128,6 +128,9 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--plot", help="default OUT/success_rate.png; reward.png goes beside it")
     ap.add_argument("--threads", type=int, help="OMP/MKL threads per run (default: torch's choice)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="seeds run at once (default 1: wall times then are one run's alone; with N > 1 the "
+                         "runs share the cores, and their wall times say so)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = ap.parse_args()
     import torch
@@ -139,15 +142,20 @@ def main() -> int:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     out.mkdir(parents=True, exist_ok=True)
     header = {"ossrl": ossrl.__version__, "torch": torch.__version__, "cpu": cpu_model(),
-              "threads": args.threads or torch.get_num_threads(), "config": args.config or "(default)",
-              "overrides": " ".join(args.overrides)}
+              "threads": args.threads or torch.get_num_threads(), "jobs": args.jobs,
+              "config": args.config or "(default)", "overrides": " ".join(args.overrides)}
     print(" | ".join(f"{k} {v}" for k, v in header.items()))
-    results = []
-    with tqdm(seeds, desc="seeds") as bar:
-        for seed in bar:
-            results.append(r := run_seed(seed, args, env))
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    by_seed = {}
+    with tqdm(total=len(seeds), desc="seeds") as bar, ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_seed, seed, args, env): seed for seed in seeds}  # each a subprocess
+        for fut in as_completed(futures):
+            r = by_seed[futures[fut]] = fut.result()
             msg = r.get("error") or f"{r['warmup']:.3f} -> {r['end']:.3f}"
-            bar.write(f"seed {seed}: {msg} ({r['wall_s']:.0f} s, log {r['log']})")
+            bar.write(f"seed {r['seed']}: {msg} ({r['wall_s']:.0f} s, log {r['log']})")
+            bar.update()
+    results = [by_seed[s] for s in seeds]
     ok = [r for r in results if "error" not in r]
     for r in ok:
         r["pass"] = r["gain"] >= MIN_GAIN and r["end"] >= MIN_END

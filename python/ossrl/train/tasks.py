@@ -64,14 +64,14 @@ class ArithmeticTask:
         """The conversation after the prompt: call the tool, read its result, answer with it.
 
         The teacher does not always use the tool: with probability ``demo_guess_rate`` (drawn
-        from ``rng``) it answers at once, from memory, and gets a digit wrong. The warm-up thus
-        teaches the whole tool format (call, read the result, answer with it) but leaves the
-        policy unsure whether to use the tool at all: the decision RL with a verifiable reward
-        has to make."""
+        from ``rng``) it answers at once with a wild guess, the first number of the question
+        (never right: both operands are at least 10). The warm-up thus teaches the whole tool
+        format (call, read the result, answer with it) but leaves the policy unsure whether to
+        use the tool at all: the decision RL with a verifiable reward has to make. The guess is
+        deliberately unrelated to the answer's digits: a guess one digit off taught the small
+        model digit heuristics that then corrupted its copying of the tool's result."""
         if rng is not None and rng.random() < self.demo_guess_rate:
-            k = rng.choice([i for i, c in enumerate(p.answer) if c.isdigit()])
-            guess = p.answer[:k] + rng.choice([d for d in "0123456789" if d != p.answer[k]]) + p.answer[k + 1:]
-            return [Message("assistant", guess, channel="final")]
+            return [Message("assistant", _first_operand(p.prompt), channel="final")]
         # The calculator takes its expression as plain text too: a short call for a small model.
         call = Message("assistant", p.prompt, channel="commentary", recipient="functions.calculator")
         return [
@@ -82,6 +82,10 @@ class ArithmeticTask:
 
     def reward(self, p: Problem, final_answer: str | None) -> float:
         return 1.0 if final_answer is not None and final_answer.strip() == p.answer else 0.0
+
+
+def _first_operand(expr: str) -> str:
+    return expr[:next(i for i, c in enumerate(expr) if i and c in "+-*")]
 
 
 def _apply(a: int, op: str, b: int) -> int:
