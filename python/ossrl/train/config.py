@@ -31,7 +31,7 @@ class TrainConfig:
     # the built-in task's teacher answers this fraction of its demonstrations from memory (a
     # wrong guess) instead of calling the tool: the warm-up teaches the tool format, RL has to
     # teach the policy to use the tool every time
-    demo_guess_rate: float = 0.5
+    demo_guess_rate: float = 0.6
     steps: int = 50
     lr: float = 2e-4
     warmup_steps: int = 5  # RL: linear warm-up of the learning rate
