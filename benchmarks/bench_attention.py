@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import ossrl
 from ossrl.ops import paged_attention, paged_kv_append, varlen_attention
+from _peers import transformers_available  # noqa: E402  (benchmarks/, beside this script)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -266,22 +267,6 @@ def peer_eager(ctx, with_sinks):
         return torch.cat(outs)
 
     return f, "native"
-
-
-def transformers_available() -> bool:
-    """The HF eager peer is optional (``pip install 'ossrl[bench]'``): without it, say so once."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        print("transformers not installed: skipping the HF eager rows (pip install 'ossrl[bench]')")
-        return False
-    try:
-        from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward  # noqa: F401
-    except ImportError as e:
-        print(f"transformers {transformers.__version__} has no GPT-OSS ({e}): skipping the HF eager rows "
-              f"(pip install 'ossrl[bench]')")
-        return False
-    return True
 
 
 PEERS = {
@@ -538,7 +523,8 @@ def main(argv=None):
             p.error(f"unknown peer {name!r}")
     if "ossrl" not in args.peers:
         args.peers.insert(0, "ossrl")
-    if "HF eager" in args.peers and not transformers_available():
+    if "HF eager" in args.peers and not transformers_available(
+            "transformers.models.gpt_oss.modeling_gpt_oss", "eager_attention_forward", "the HF eager rows"):
         args.peers.remove("HF eager")
     masks = [m.strip() for m in args.masks.split(",")]
 

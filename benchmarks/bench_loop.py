@@ -34,6 +34,7 @@ from ossrl.train.loop import build, demonstrations, episodes, pack, sft_step, tr
 from ossrl.train.loss import group_advantages, policy_loss
 from ossrl.train.parallel import DataParallel
 from ossrl.train.tasks import make_task
+from _peers import transformers_available  # noqa: E402  (benchmarks/, beside this script)
 
 
 def sync(device):
@@ -113,22 +114,6 @@ def timed(fn, device):
     return time.perf_counter() - t0, out
 
 
-def transformers_available() -> bool:
-    """The common way runs on transformers, an optional peer (``pip install 'ossrl[bench]'``)."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        print("transformers not installed: skipping the common way's column (pip install 'ossrl[bench]')")
-        return False
-    try:
-        from transformers import GptOssForCausalLM  # noqa: F401
-    except ImportError as e:
-        print(f"transformers {transformers.__version__} has no GPT-OSS ({e}): skipping the common way's column "
-              f"(pip install 'ossrl[bench]')")
-        return False
-    return True
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="ossrl train config keys")
@@ -136,7 +121,7 @@ def main():
     p.add_argument("--json")
     a = p.parse_args()
     cfg = load_config(None, a.overrides)
-    with_hf = transformers_available()
+    with_hf = transformers_available('transformers', 'GptOssForCausalLM', "the common way's column")
     model, tok = build(cfg)
     device = next(model.parameters()).device
     task = make_task(cfg.task)

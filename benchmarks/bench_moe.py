@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import ossrl
 from ossrl.ops import moe_experts, moe_route
+from _peers import transformers_available  # noqa: E402  (benchmarks/, beside this script)
 
 ALPHA, LIMIT = 1.702, 7.0
 
@@ -57,22 +58,6 @@ def per_expert_loop(x, r, wgu, bgu, wd, bd):
             out.index_add_(0, t, y * r.weights.reshape(-1)[flat, None].to(x.dtype))
         start = end
     return out
-
-
-def transformers_available() -> bool:
-    """The transformers peer is optional (``pip install 'ossrl[bench]'``): without it, say so once."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        print("transformers not installed: skipping the transformers rows (pip install 'ossrl[bench]')")
-        return False
-    try:
-        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: F401
-    except ImportError as e:
-        print(f"transformers {transformers.__version__} has no GPT-OSS ({e}): skipping the transformers rows "
-              f"(pip install 'ossrl[bench]')")
-        return False
-    return True
 
 
 def make_transformers(H, I, E, device):
@@ -163,7 +148,8 @@ def main():
     experts = a.experts or [32, 128]
     repeat = a.repeat or (20 if gpu else 5)
     peers = [s.strip() for s in a.peers.split(",") if s.strip()]
-    if "transformers" in peers and not transformers_available():
+    if "transformers" in peers and not transformers_available(
+            "transformers.models.gpt_oss.modeling_gpt_oss", "GptOssExperts", "the transformers rows"):
         peers.remove("transformers")
 
     header = (f"ossrl {ossrl.__version__} | torch {torch.__version__} | "

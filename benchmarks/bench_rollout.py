@@ -23,6 +23,7 @@ import torch
 import ossrl
 from ossrl.model import GptOss, GptOssConfig, save_pretrained
 from ossrl.rollout.engine import Engine, SamplingParams
+from _peers import transformers_available  # noqa: E402  (benchmarks/, beside this script)
 
 
 def fmt(x, spec):
@@ -72,22 +73,6 @@ def theirs(hf, prompts, new_tokens, device):
     return time.perf_counter() - t0, first
 
 
-def transformers_available() -> bool:
-    """The transformers peer is optional (``pip install 'ossrl[bench]'``): without it, say so once."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        print("transformers not installed: skipping the transformers rows (pip install 'ossrl[bench]')")
-        return False
-    try:
-        from transformers import GptOssForCausalLM  # noqa: F401
-    except ImportError as e:
-        print(f"transformers {transformers.__version__} has no GPT-OSS ({e}): skipping the transformers rows "
-              f"(pip install 'ossrl[bench]')")
-        return False
-    return True
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -109,7 +94,7 @@ def main():
     torch.manual_seed(0)
     model = GptOss(cfg).to(device=a.device, dtype=dtype).eval()
     hf = None
-    if transformers_available():
+    if transformers_available('transformers', 'GptOssForCausalLM', 'the transformers rows'):
         from transformers import GptOssForCausalLM
 
         with tempfile.TemporaryDirectory() as d:
