@@ -24,8 +24,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16
     # supervised warm-up on generated demonstrations, then RL
-    sft_steps: int = 800
-    sft_batch: int = 64
+    sft_steps: int = 600
+    sft_batch: int = 96
     sft_lr: float = 3e-3
     sft_warmup_steps: int = 10
     # the built-in task's teacher answers this fraction of its demonstrations from memory (a
