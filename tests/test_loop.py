@@ -14,7 +14,7 @@ from ossrl.train.loop import micro_batches, pack
 from ossrl.train.metrics import read
 
 SHORT = ["sft_steps=25", "steps=4", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=2",
-         "checkpoint_every=2", "max_turns=2", "micro_batch_tokens=1500",
+         "checkpoint_every=2", "max_turns=2", "micro_batch_tokens=1500", "sft_batch=32",
          "filter_groups=false"]  # a short warm-up leaves no reward: train on every group anyway
 RESULTS = ("reward_mean", "loss", "tis_weight_mean", "generated_tokens", "tool_calls", "answered_frac")
 

@@ -75,7 +75,8 @@ def test_apply_lora_bad_input():
 
 
 SHORT = ["sft_steps=10", "steps=2", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=2",
-         "checkpoint_every=2", "max_turns=2", "micro_batch_tokens=1500", "filter_groups=false"]
+         "checkpoint_every=2", "max_turns=2", "micro_batch_tokens=1500", "sft_batch=32",
+         "filter_groups=false"]
 
 
 def test_lora_mode_trains_adapters_only_with_one_shared_copy(tmp_path, monkeypatch):
