@@ -94,7 +94,7 @@ def test_the_config_file_is_the_default_written_out():
 
 
 def test_learning_rate_schedule_and_its_config():
-    from ossrl.train.loop import scheduled_lr
+    from ossrl.train.schedule import scheduled_lr
 
     cfg = load_config(None, ["min_lr_ratio=0.1"])
     lrs = [scheduled_lr(1.0, i, 100, cfg, 10) for i in range(1, 101)]

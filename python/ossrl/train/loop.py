@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import itertools
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from ..rollout.tools import ToolRegistry
 from . import checkpoint
 from .config import TrainConfig
 from .loss import group_advantages, policy_loss, signal_groups
+from .schedule import scheduled_lr, set_lr
 from .metrics import MetricsLog
 from .fsdp import padding_pass
 from .parallel import DataParallel, make_parallel
@@ -131,23 +131,6 @@ def micro_batches(trajs: list, budget: int) -> list[list[int]]:
 
 def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def scheduled_lr(peak: float, i: int, n: int, cfg: TrainConfig, warmup: int) -> float:
-    """The learning rate of step i (1-based) of a phase of n steps: linear warm-up over ``warmup``
-    steps, then cosine decay to ``cfg.min_lr_ratio * peak`` at step n (``lr_schedule="constant"``:
-    no decay). A function of the step alone, so a resumed run continues on the same curve."""
-    if warmup and i <= warmup:
-        return peak * i / warmup
-    if cfg.lr_schedule == "constant" or n <= warmup:
-        return peak
-    progress = min(max((i - warmup) / (n - warmup), 0.0), 1.0)
-    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 @contextlib.contextmanager
@@ -442,9 +425,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
                 write({"sft_step": i, "sft_loss": loss})
                 bar.set_postfix(loss=f"{loss:.3f}")
         sync_weights()
-        # RL gets an optimizer of its own: Adam's second moments from the warm-up (large early
-        # gradients, remembered over ~1/(1-beta2) = 1000 steps) would otherwise scale the first
-        # hundreds of RL updates down by a seed-dependent factor.
+        # RL gets an optimizer of its own: Adam's second moments from the warm-up (its large early
+        # gradients, remembered over ~1/(1-beta2) = 1000 steps) would otherwise set the size of
+        # the first RL updates.
         optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
         rate = evaluate(0)
         log(f"after warm-up: held-out success rate {rate:.3f}")
