@@ -485,6 +485,8 @@ _HOST_ATTACKS = {
         "t = time.time()\nr = libc.settimeofday(ctypes.byref(TV(int(t), int(t % 1 * 1e6))), None)" + _RAISE,
     "extended attributes": "import os\nopen('f', 'w').close()\nos.setxattr('f', 'user.x', b'1')\nprint('ESCAPED')",
     "timestamps": "import os\nopen('f', 'w').close()\nos.utime('f', (0, 0))\nprint('ESCAPED')",
+    "fanotify (could block the host's open())": _LIBC +
+        f"fd = libc.syscall({300 if _X86 else 262}, 0, 0)\nr = 0 if fd >= 0 else -1" + _RAISE,
     "inode flags (immutable)": "import fcntl, os, struct\nfd = os.open('.', os.O_RDONLY)\n"
         "fcntl.ioctl(fd, 0x40086602, struct.pack('l', 0))\nprint('ESCAPED')",
 }
