@@ -557,3 +557,15 @@ def test_cleanup_follows_no_symlink_the_sandbox_made(tmp_path):
         if os.geteuid() == 0:
             _set_inode_flags(d / "ro", 0)
     assert (host.stat().st_mode & 0o777) == 0o755 and host.is_dir()
+
+
+@linux_only
+def test_probe_says_what_is_exposed_without_each_layer(layers):
+    assert any("disk" in e for e in layers["exposed"])  # holds on every kernel today
+    bare = run(probe_sandbox(SandboxConfig(landlock=False, seccomp=False)))
+    assert bare["landlock"] is not True and bare["seccomp"] is not True
+    text = " ".join(bare["exposed"])
+    assert "file reads and writes" in text and "process creation" in text
+    if layers.get("landlock") is True and layers.get("seccomp") is True:
+        assert not any("file reads" in e or "process creation" in e for e in layers["exposed"])
+    assert any("uid 0" in e for e in layers["exposed"]) == (os.geteuid() == 0)

@@ -919,8 +919,35 @@ async def probe_sandbox(config: SandboxConfig | None = None) -> dict:
     """Run an empty program in the sandbox and return which layers took effect, e.g.
     ``{"netns": True, "landlock": True, "landlock_abi": 7, "rlimits": True, "seccomp": True,
     "audit_hook": True}``
-    (a string instead of True says why a layer is missing)."""
-    cfg = config or SandboxConfig()
+    (a string instead of True says why a layer is missing), and ``"exposed"``: what the code
+    could still do on this machine with these layers (see the module's threat model)."""
+    layers = await _probe(config or SandboxConfig())
+    if "error" not in layers:
+        layers["exposed"] = _exposed(layers)
+    return layers
+
+
+def _exposed(layers: dict) -> list[str]:
+    out = []
+    abi = layers.get("landlock_abi") or 0
+    if layers.get("landlock") is not True:
+        out.append("file reads and writes outside its directory: only the audit hook stops them, and native "
+                   "code can bypass it")
+    elif abi < 4:
+        out.append(f"Landlock ABI {abi} < 4: TCP bind/connect is stopped by the network namespace and seccomp only")
+    if layers.get("seccomp") is not True:
+        out.append("process creation, sockets, chmod/chown, signals to and scheduling of other processes, and "
+                   "(as root) the clock, host name and extended attributes: only the audit hook stops them")
+    if layers.get("netns") is not True:
+        out.append("the network: no separate network namespace")
+    if os.geteuid() == 0:
+        out.append("the code runs with the trainer's uid 0 and capabilities (no uid drop yet): where Landlock is "
+                   "off it can write any file the audit hook does not catch")
+    out.append("disk: no total limit on its temporary directory (file_size_bytes bounds each file)")
+    return out
+
+
+async def _probe(cfg: SandboxConfig) -> dict:
     read_paths = await asyncio.get_running_loop().run_in_executor(None, _read_paths, cfg)
     tmp = tempfile.mkdtemp(prefix="ossrl-sandbox-")
     try:
