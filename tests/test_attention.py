@@ -717,6 +717,16 @@ def test_bad_append_inputs():
         call(new=cu([3]))
     with pytest.raises(RuntimeError, match="cache_seqlens"):
         call(start=seq_lens.to("meta"))
+    # writes that would overwrite each other: a broadcast cache, one tensor as both caches, two
+    # sequences appending into one block
+    with pytest.raises(RuntimeError, match="k_cache has elements that share memory"):
+        paged_kv_append(kc[:1].expand_as(kc), vc, kn, vn, bt, new, seq_lens)
+    with pytest.raises(RuntimeError, match="k_cache and v_cache share memory"):
+        paged_kv_append(kc, kc, kn, vn, bt, new, seq_lens)
+    shared = bt.clone()
+    shared[1, 1] = bt[0, seq_lens[0] // kc.shape[1]]  # the block sequence 0 appends into
+    with pytest.raises(ValueError, match="sequences 0 and 1 both append into block"):
+        call(bt=shared)
 
 
 # ---- memory: nothing quadratic --------------------------------------------------------------------

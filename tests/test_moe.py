@@ -484,7 +484,10 @@ def test_moe_experts_bad_input():
     bad_order[0] = T * k
     neg_order = r.order.clone()
     neg_order[3] = -1
+    dup_order = r.order.clone()
+    dup_order[5] = dup_order[2]  # one (token, slot) twice (and another never): summed twice, a race on CUDA
     cases = [
+        (dict(routing=r._replace(order=dup_order)), "routing.order\\[5\\] = .* appears more than once"),
         (dict(routing=r._replace(order=bad_order)), "routing.order\\[0\\]"),
         (dict(routing=r._replace(order=neg_order)), "routing.order\\[3\\]"),
         (dict(routing=r._replace(order=r.order[:-1])), "routing.order must have"),

@@ -31,6 +31,7 @@
 // Tasks are handed out dynamically, the most expensive first (causal work is triangular).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -1040,16 +1041,35 @@ void paged_kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, c
   const int64_t T = k.size(0);
   check_cu_seqlens(cu_seqlens, T, op, "cu_seqlens", "the number of new tokens k.shape[0]");
   check_size(cu_seqlens, 0, B + 1, op, "cu_seqlens", "len(cache_seqlens) + 1");
+  // Every write must land in memory of its own: a broadcast (stride-0) cache, or K and V caches
+  // that are one tensor, would let one token's write overwrite another's.
+  for (auto [c, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}})
+    OSSRL_CHECK(at::has_internal_overlap(*c) != at::MemOverlap::Yes, op, name,
+                " has elements that share memory (a stride of 0?): appends into it would overwrite each other");
+  const auto kv = at::get_overlap_status(k_cache, v_cache);
+  OSSRL_CHECK(kv != at::MemOverlapStatus::Full && kv != at::MemOverlapStatus::Partial, op,
+              "k_cache and v_cache share memory: they must be two separate caches");
   const auto cu = int_values(cu_seqlens), start = int_values(cache_seqlens), bt = int_values(block_table);
   const int64_t capacity = pg.max_blocks * pg.block_size;
+  std::vector<std::pair<int32_t, int64_t>> written;  // (block, sequence) of every block an append writes
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = cu[b + 1] - cu[b];
     OSSRL_CHECK_VALUE(start[b] >= 0, op, "cache_seqlens[", b, "] = ", start[b], " is negative");
     OSSRL_CHECK_VALUE(start[b] + n <= capacity, op, "sequence ", b, " would hold ", start[b] + n,
                       " tokens, more than its block_table row holds (", pg.max_blocks, " blocks of ",
                       pg.block_size, ")");
-    if (n > 0) check_blocks(op, bt, pg, b, start[b] / pg.block_size, (start[b] + n - 1) / pg.block_size);
+    if (n == 0) continue;
+    const int64_t first = start[b] / pg.block_size, last = (start[b] + n - 1) / pg.block_size;
+    check_blocks(op, bt, pg, b, first, last);
+    for (int64_t i = first; i <= last; ++i) written.emplace_back(bt[b * pg.max_blocks + i], b);
   }
+  // Two sequences may read a shared block, never both write into it (on CUDA they would race;
+  // the CUDA op does not check this: it would need the block table on the host).
+  std::sort(written.begin(), written.end());
+  for (size_t i = 1; i < written.size(); ++i)
+    OSSRL_CHECK_VALUE(written[i].first != written[i - 1].first || written[i].second == written[i - 1].second, op,
+                      "sequences ", written[i - 1].second, " and ", written[i].second, " both append into block ",
+                      written[i].first, " of the cache");
   if (T == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "paged_kv_append", [&] {
     const PagedView<scalar_t> KC(k_cache, bt, pg.max_blocks), VC(v_cache, bt, pg.max_blocks);

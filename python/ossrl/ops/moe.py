@@ -68,7 +68,9 @@ def moe_experts(
 
     Hugging Face layouts: x (T, H); w_gate_up (E, H, 2I); b_gate_up (E, 2I); w_down (E, I, H);
     b_down (E, H). Differentiable in x, all weights and biases, and routing.weights.
-    Routed rows beyond routing.offsets[-1] are dropped.
+    Routed rows beyond routing.offsets[-1] are dropped. Each (token, slot) may appear in
+    routing.order once; a repeat is an error on the CPU (on CUDA, where the check would cost a
+    host synchronisation, it is not checked and races).
     """
     out, _ = _ops.moe_experts(
         x,
