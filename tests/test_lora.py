@@ -129,7 +129,14 @@ def test_lora_with_a_bf16_engine_copy_syncs_only_the_adapters(tmp_path, monkeypa
         assert c.dtype == torch.bfloat16 and torch.equal(c, p.detach().to(torch.bfloat16)), n
 
 
-def test_kl_reference_is_the_post_warm_up_policy_and_survives_resume(tmp_path):
+def test_kl_reference_is_the_post_warm_up_policy_and_survives_resume(tmp_path, monkeypatch):
+    from ossrl.train import loop
+
+    # A short warm-up earns no reward: give the episodes alternating advantages so that the first
+    # RL step moves the policy away from the reference (nothing else would: a fresh optimizer
+    # with zero gradients takes a zero step).
+    monkeypatch.setattr(loop, "group_advantages",
+                        lambda r, g, scale="std": torch.tensor([(-1.0) ** i for i in range(len(r))], dtype=r.dtype))
     run = tmp_path / "kl"
     assert main(["train", "--run-dir", str(run), *SHORT, "loss.kl_coef=0.1"]) == 0
     steps = [r for r in read(run / "metrics.jsonl") if "reward_mean" in r]
