@@ -43,7 +43,9 @@ def test_default_run_writes_metrics_checkpoints_and_plots(full_run):
         assert 1 <= r["engine_batch_mean"] <= 32 and r["engine_forward_tokens"] >= r["engine_steps"] > 0
     sft = [r["sft_loss"] for r in records if "sft_loss" in r]
     assert len(sft) == 25 and sft[-1] < sft[0]  # the warm-up learns the format
-    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    # the two newest checkpoints, and the KL reference (the post-warm-up policy: kl_coef > 0 by default)
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["reference.safetensors", "step_00000002",
+                                                                           "step_00000004"]
     assert (full_run / "plots" / "reward.png").stat().st_size > 0
 
 
