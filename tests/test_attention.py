@@ -729,6 +729,25 @@ def test_bad_append_inputs():
         call(bt=shared)
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_append_rejects_caches_whose_writes_overlap(device):
+    """The cheap checks (no host synchronisation) hold on every device: a broadcast cache and
+    one tensor used as both caches. Two sequences writing one block is checked on the CPU only."""
+    q, kc, vc, bt, cq, seq_lens, s = (t.to(device) for t in _paged_good())
+    kn, vn = torch.randn(3, 2, 8, device=device), torch.randn(3, 2, 8, device=device)
+    new = cu([2, 1], device)
+    with pytest.raises(RuntimeError, match="v_cache has elements that share memory"):
+        paged_kv_append(kc, vc[:1].expand_as(vc), kn, vn, bt, new, seq_lens)
+    with pytest.raises(RuntimeError, match="k_cache and v_cache share memory"):
+        paged_kv_append(kc, kc, kn, vn, bt, new, seq_lens)
+    with pytest.raises(RuntimeError, match="share memory"):  # partly: V is K's second half
+        both = torch.zeros((kc.shape[0] * 2,) + tuple(kc.shape[1:]), device=device)
+        paged_kv_append(both[: kc.shape[0]], both[kc.shape[0] // 2:][: kc.shape[0]], kn, vn, bt, new, seq_lens)
+    before = kc.clone()
+    paged_kv_append(kc, vc, kn, vn, bt, new, torch.zeros_like(seq_lens))  # a good call still works
+    assert not torch.equal(kc, before)
+
 # ---- memory: nothing quadratic --------------------------------------------------------------------
 
 _MEM_SCRIPT = textwrap.dedent(

@@ -30,6 +30,7 @@ from ossrl.rollout.tools import (
     probe_sandbox,
     run_sandboxed,
 )
+from ossrl.rollout.sandbox import LAYERS
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 
@@ -539,7 +540,7 @@ def _set_inode_flags(path, flags) -> bool:
 def test_cleanup_follows_no_symlink_the_sandbox_made(tmp_path):
     """The cleanup's fix-and-retry chmod-ed a host directory 0700 through a symlink the code
     left in a directory it could not empty (read-only; as root: immutable)."""
-    from ossrl.rollout.tools import _rmtree
+    from ossrl.rollout.sandbox import _rmtree
 
     host = tmp_path / "host_dir"
     host.mkdir()
@@ -559,13 +560,174 @@ def test_cleanup_follows_no_symlink_the_sandbox_made(tmp_path):
     assert (host.stat().st_mode & 0o777) == 0o755 and host.is_dir()
 
 
+
+
 @linux_only
 def test_probe_says_what_is_exposed_without_each_layer(layers):
-    assert any("disk" in e for e in layers["exposed"])  # holds on every kernel today
-    bare = run(probe_sandbox(SandboxConfig(landlock=False, seccomp=False)))
-    assert bare.get("landlock") is not True and bare.get("seccomp") is not True
+    if all(layers.get(k) is True for k in LAYERS):
+        assert layers["exposed"] == [], layers  # every layer holds: nothing to report
+    bare = run(probe_sandbox(SandboxConfig(landlock=False, seccomp=False, mounts=False, drop_privileges=False)))
+    assert all(bare.get(k) is not True for k in ("landlock", "seccomp", "mounts", "privileges")), bare
     text = " ".join(bare["exposed"])
-    assert "file reads and writes" in text and "process creation" in text
-    if layers.get("landlock") is True and layers.get("seccomp") is True:
-        assert not any("file reads" in e or "process creation" in e for e in layers["exposed"])
-    assert any("uid 0" in e for e in layers["exposed"]) == (os.geteuid() == 0)
+    for gap in ("file reads", "no mount namespace", "no total disk limit", "privileges not dropped",
+                "process creation"):
+        assert gap in text, (gap, text)
+    for layer, gap in (("landlock", "file reads"), ("mounts", "no mount namespace"),
+                       ("seccomp", "process creation"), ("privileges", "privileges not dropped")):
+        if layers.get(layer) is True:
+            assert gap not in " ".join(layers["exposed"]), (layer, layers)
+
+
+def test_require_names_only_known_layers():
+    with pytest.raises(ValueError, match="unknown layer"):
+        SandboxConfig(require=("landlok",))
+    with pytest.raises(ValueError, match="disk_bytes"):
+        SandboxConfig(disk_bytes=0)
+
+
+def _needs(layers, *names):
+    missing = [n for n in names if layers.get(n) is not True]
+    if missing:
+        pytest.skip(f"not available here: {[(n, layers.get(n)) for n in missing]}")
+
+
+@linux_only
+@pytest.mark.parametrize("landlock", [False, True], ids=["no-landlock", "landlock"])
+def test_no_capabilities_no_root_and_no_writes_outside_without_the_hook(tmp_path, layers, landlock):
+    """The hook off (as native code can switch it off) and Landlock off or on: the code holds
+    no capabilities, is not uid 0, and cannot write, chmod or create anything outside."""
+    _needs(layers, "mounts", "privileges", *(["landlock"] if landlock else []))
+    host = tmp_path / "host.txt"
+    host.write_text("original")
+    host.chmod(0o666)  # even a world-writable host file stays unchanged
+    cfg = SandboxConfig(audit_hook=False, landlock=landlock, require=("mounts", "privileges"))
+    caps = _py("import ctypes, json, os\nh = (ctypes.c_uint32 * 2)(0x20080522, 0)\nd = (ctypes.c_uint32 * 6)()\n"
+               "assert ctypes.CDLL(None).capget(h, d) == 0\nprint(json.dumps([list(d), os.getuid(), os.getgid()]))",
+               config=cfg)
+    assert caps.ok, caps
+    values, uid, gid = json.loads(caps.content)
+    assert values == [0] * 6, caps.content  # effective, permitted, inheritable: empty
+    if os.geteuid() == 0:
+        assert uid != 0 and gid != 0, caps.content
+    for name, code in {
+        "write a world-writable host file": f"open({str(host)!r}, 'w').write('pwned')",
+        "create a file in /tmp": "open('/tmp/ossrl-escape-probe', 'w').write('x')",
+        "create a file in /dev/shm": "open('/dev/shm/ossrl-escape-probe', 'w').write('x')",
+        "chmod a host file": f"import os\nos.chmod({str(host)!r}, 0o777)",
+    }.items():
+        r = _py(code + "\nprint('ESCAPED')", config=cfg)
+        assert not r.ok and "ESCAPED" not in r.content and r.error == "exception", (name, r)
+        assert "PermissionError" in r.content or "Read-only file system" in r.content, (name, r)
+    assert host.read_text() == "original" and (host.stat().st_mode & 0o777) == 0o666
+    assert not os.path.exists("/tmp/ossrl-escape-probe") and not os.path.exists("/dev/shm/ossrl-escape-probe")
+    assert _py("open('ok', 'w').write('1')\nprint(open('ok').read())", config=cfg).content == "1\n"
+
+
+@linux_only
+def test_working_directory_has_a_total_size_limit(layers):
+    _needs(layers, "mounts")
+    cfg = SandboxConfig(audit_hook=False, require=("mounts",), disk_bytes=8 << 20, file_size_bytes=4 << 20)
+    code = ("import os\nfor i in range(20):\n    with open('f%d' % i, 'wb') as f:\n"
+            "        f.write(b'x' * (3 << 20))\n    print(i, flush=True)")
+    r = _py(code, config=cfg)
+    assert not r.ok and r.error == "exception" and "No space left on device" in r.content, r
+    assert "2\n" not in r.content  # the third 3 MiB file does not fit in 8 MiB
+    assert _py("print(1)", config=cfg).content == "1\n"  # the next call has a fresh directory
+
+
+@linux_only
+def test_no_native_code_from_its_directory_and_no_installed_packages(layers):
+    """A library it writes cannot be mapped as code (noexec; memfd_create refused), and the
+    interpreter's site-packages are empty inside, so cffi and the like do not import."""
+    _needs(layers, "mounts", "seccomp")
+    cfg = SandboxConfig(audit_hook=False, require=("mounts", "seccomp"))
+    r = _py("import mmap, os\nopen('lib.so', 'wb').write(b'\\x7fELF' + bytes(4092))\n"
+            "fd = os.open('lib.so', os.O_RDONLY)\nmmap.mmap(fd, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC)\n"
+            "print('ESCAPED')", config=cfg)
+    assert not r.ok and "ESCAPED" not in r.content and "PermissionError" in r.content, r
+    r = _py("import os\nos.memfd_create('x')\nprint('ESCAPED')", config=cfg)
+    assert not r.ok and "ESCAPED" not in r.content and "PermissionError" in r.content, r
+    import sysconfig
+
+    base = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix})["purelib"]
+    if not os.path.isdir(base) or not os.listdir(base):
+        pytest.skip(f"no base site-packages with anything in it here ({base})")
+    r = _py(f"import os\nprint(os.listdir({base!r}))", config=cfg)
+    assert r.ok and r.content == "[]\n", (base, r)
+
+
+@linux_only
+def test_hook_runs_no_method_of_the_callers_objects():
+    """The issue's bypass: a str subclass whose __eq__ runs inside the hook during an import."""
+    code = ("class S(str):\n    __hash__ = str.__hash__\n    def __eq__(self, o):\n"
+            "        print('EQ-RAN', flush=True)\n        return str.__eq__(self, o)\n"
+            "__import__(S('ctypes'))\nprint('ESCAPED')")
+    r = _py(code)
+    assert not r.ok and r.error == "sandbox_violation" and "EQ-RAN" not in r.content, r
+    r = _py("class M(str):\n    def __contains__(self, x):\n        print('IN-RAN')\n        return False\n"
+            "open('/etc/passwd', M('r')).read()\nprint('ESCAPED')")
+    assert not r.ok and "IN-RAN" not in r.content and "ESCAPED" not in r.content, r
+
+
+@linux_only
+def test_hook_path_check_fails_closed_on_long_relative_paths():
+    """A relative path under 4096 bytes whose absolute form is longer: the hook used to treat
+    what it could not lstat as a plain name, so a symlink deep inside went unchecked."""
+    cfg = SandboxConfig(landlock=False)  # the hook alone stands between the code and /etc
+    code = ("import os\nrel = ''\nwhile len(rel) + 201 <= 4077:\n    rel += 'd' * 200 + '/'\n    os.mkdir(rel)\n"
+            "rel += 'e' * (4077 - len(rel)) + '/'\nos.mkdir(rel)\nassert len(os.getcwd()) + len(rel) >= 4094\n"
+            "os.symlink('/etc', rel + 's')\nprint(open(rel + 's/passwd').read())")
+    r = _py(code, config=cfg)
+    assert not r.ok and r.error == "sandbox_violation" and "root:" not in r.content, r
+
+
+_AS_USER_SCRIPT = """
+import asyncio, json, os, sys
+from ossrl.rollout.sandbox import SandboxConfig, probe_sandbox, run_sandboxed
+host = sys.argv[1]
+cfg = SandboxConfig(audit_hook=False, landlock=False)
+out = {"uid": os.geteuid(), "layers": asyncio.run(probe_sandbox()), "runs": {}}
+for name, code in {
+    "write a host file": "open(%r, 'w').write('pwned')" % host,
+    "create in /tmp": "open('/tmp/ossrl-user-probe', 'w')",
+    "capabilities": "import ctypes\\nh = (ctypes.c_uint32 * 2)(0x20080522, 0)\\nd = (ctypes.c_uint32 * 6)()\\n"
+                    "ctypes.CDLL(None).capget(h, d)\\nprint(list(d))",
+}.items():
+    r = asyncio.run(run_sandboxed(code, cfg))
+    out["runs"][name] = [r.ok, r.error, r.content]
+print(json.dumps(out))
+"""
+
+
+@linux_only
+def test_sandbox_layers_hold_for_an_unprivileged_trainer(tmp_path):
+    """The trainer as an ordinary user (uid 1000 in a user namespace, as ``unshare --map-user``
+    makes it): the sandbox builds its mount and network namespaces inside a new user namespace
+    and still keeps its hands off the host's files, with the hook and Landlock off."""
+    import shutil
+    import subprocess
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare(1) here")
+    host = tmp_path / "host.txt"
+    host.write_text("original")
+    host.chmod(0o666)
+    proc = subprocess.run([unshare, "--user", "--map-user=1000", "--map-group=1000", sys.executable, "-c",
+                           _AS_USER_SCRIPT, str(host)], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 and "unshare" in proc.stderr:
+        pytest.skip(f"user namespaces are not available here: {proc.stderr.strip()[-200:]}")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    layers = out["layers"]
+    assert out["uid"] == 1000
+    if layers.get("mounts") is not True:
+        pytest.skip(f"no nested user namespace for the sandbox here: {layers}")
+    assert layers["userns"] is True and layers["privileges"] is True and layers["uid"] == 1000, layers
+    runs = out["runs"]
+    for name in ("write a host file", "create in /tmp"):
+        ok, error, content = runs[name]
+        assert not ok and error == "exception" and "Read-only file system" in content, (name, runs[name])
+    ok, _, content = runs["capabilities"]
+    assert ok and content == "[0, 0, 0, 0, 0, 0]\n", runs["capabilities"]
+    assert host.read_text() == "original" and not os.path.exists("/tmp/ossrl-user-probe")

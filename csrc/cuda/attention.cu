@@ -41,6 +41,7 @@
 // - dtypes: bfloat16 and float16 with head dim 64 or 128. float32 (and float64) inputs are
 //   rejected on CUDA with a clear error (cast to bf16/fp16, or use the CPU kernels).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -1183,6 +1184,14 @@ void paged_kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache,
   OSSRL_CHECK(k_cache.is_cuda(), op, "k_cache must be a CUDA tensor here, got ",
               k_cache.device());
   const PagedDims d = check_cache(op, k_cache, v_cache, block_table_in, k_cache, "k_cache");
+  // Cheap (no host sync), as on the CPU: every write needs memory of its own. Two sequences
+  // appending into one block are not checked here (that needs the block table on the host).
+  for (auto [c, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}})
+    OSSRL_CHECK(at::has_internal_overlap(*c) != at::MemOverlap::Yes, op, name,
+                " has elements that share memory (a stride of 0?): appends into it would overwrite each other");
+  const auto kv = at::get_overlap_status(k_cache, v_cache);
+  OSSRL_CHECK(kv != at::MemOverlapStatus::Full && kv != at::MemOverlapStatus::Partial, op,
+              "k_cache and v_cache share memory: they must be two separate caches");
   check_same_dtype(k_in, k_cache, op, "k", "k_cache");
   check_same_dtype(v_in, k_cache, op, "v", "k_cache");
   check_same_device(k_in, k_cache, op, "k", "k_cache");

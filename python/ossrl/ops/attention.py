@@ -108,10 +108,9 @@ def paged_kv_append(
     The new tokens of sequence b go to positions cache_seqlens[b] .. cache_seqlens[b] + n_b - 1.
     cache_seqlens is not updated (add the new lengths yourself). The block entries written must be
     in [0, num_blocks) and fit the row; sequences must not share the blocks they write to.
-    The CPU op rejects writes that would overwrite each other: a cache whose elements share
-    memory (a stride of 0), K and V caches that share memory, two sequences writing one block.
-    The CUDA op does not check these yet (the last would need the block table on the host, a
-    synchronisation; the first two are cheap and belong there too).
+    Writes that would overwrite each other are errors: a cache whose elements share memory (a
+    stride of 0) and K and V caches that share memory (CPU and CUDA), and two sequences writing
+    one block (CPU only: on CUDA the check would need the block table on the host, a sync).
     """
     _ops.paged_kv_append(k_cache, v_cache, k, v, block_table, cu_seqlens, cache_seqlens)
 

@@ -33,11 +33,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def nonfinite(model_state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [k for k, v in model_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save(ckpt_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict | None,
          state: dict[str, Any], keep: int = 2) -> Path:
     """model_state: full (unsharded) tensors by name; optimizer_state: anything torch.save takes.
     Weights that are not all finite are never written (nor do they rotate good checkpoints away)."""
-    bad = [k for k, v in model_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite(model_state)
     if bad:
         good = latest(ckpt_dir)
         raise FloatingPointError(f"step {step}: non-finite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "

@@ -389,6 +389,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     def save(step: int) -> None:
         ranks = dp.gather({"carry": [g.to_json() for g in carry], "next_group": next_group})
         tensors, optim = dp.state_dicts(model, optimizer)  # collective under FSDP
+        # every rank learns that rank 0 refuses non-finite weights (none may wait at the barrier)
+        (bad,) = dp.sum([len(checkpoint.nonfinite(tensors)) if dp.main else 0], device)
+        if bad and not dp.main:
+            raise FloatingPointError(f"step {step}: non-finite weights; rank 0 did not write the checkpoint")
         if dp.main:
             checkpoint.save(ckpt_dir, step, tensors, optim, {"sft_done": True, "ranks": ranks},
                             keep=cfg.keep_checkpoints)

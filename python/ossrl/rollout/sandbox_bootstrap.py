@@ -1,0 +1,562 @@
+import sys, os, json, posix
+_cfg = json.loads(sys.argv[1])
+_code_bytes = sys.stdin.buffer.read()
+_status = {}
+
+def _step(name, fn, *args):
+    # each layer on its own: one that fails (or does not exist here) does not stop the others
+    try:
+        _status[name] = fn(*args)
+    except Exception as e:
+        _status[name] = "failed: %s: %s" % (type(e).__name__, e)
+
+def _setup():
+    ctypes = libc = None
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        libc.prctl.restype = ctypes.c_int
+        libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    except Exception as e:  # no ctypes: only rlimits and the audit hook
+        _status["ctypes"] = "unavailable: %s: %s" % (type(e).__name__, e)
+    if libc is not None:
+        _step("userns", _namespaces, ctypes, libc)                     # 1. namespaces
+        if _status.get("mounts") is True:
+            _step("mounts", _mounts, ctypes, libc)
+        _step("no_new_privs", _no_new_privs, ctypes, libc)
+        if _cfg["landlock"]:
+            _step("landlock", _landlock, ctypes, libc)                 # 2. filesystem
+        if _cfg["drop_privileges"]:
+            _step("privileges", _privileges, ctypes, libc)             # 3. privileges
+    _step("rlimits", _rlimits)                                         # 4. resources
+    if libc is not None and _cfg["seccomp"]:
+        _step("seccomp", _seccomp, ctypes, libc)                       # 5. system calls
+
+def _namespaces(ctypes, libc):
+    # A new network and mount namespace: directly as root, else inside a new user namespace.
+    # Returns whether a user namespace was made; sets "netns" and "mounts" (True: to be set up).
+    NEWNS, NEWNET, NEWUSER = 0x00020000, 0x40000000, 0x10000000
+    flags = (NEWNET if _cfg["isolate_network"] else 0) | (NEWNS if _cfg["mounts"] else 0)
+    if not flags:
+        return False
+    userns = False
+    if not (os.geteuid() == 0 and libc.unshare(ctypes.c_int(flags)) == 0):
+        uid, gid = os.geteuid(), os.getegid()
+        if libc.unshare(ctypes.c_int(flags | NEWUSER)) != 0:
+            why = "unshare failed: errno %d" % ctypes.get_errno()
+            for key, bit in (("netns", NEWNET), ("mounts", NEWNS)):
+                if flags & bit:
+                    _status[key] = why
+            return False
+        for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)),
+                           ("gid_map", "%d %d 1" % (gid, gid))):
+            with open("/proc/self/" + name, "w") as f:
+                f.write(text)
+        userns = True
+    if flags & NEWNET:
+        _status["netns"] = True
+    if flags & NEWNS:
+        _status["mounts"] = True
+    return userns
+
+_IDS = []
+
+def _sandbox_ids():
+    # As root outside a user namespace: an unused uid/gid of its own (nothing in the trainer's
+    # namespace has it), if an unprivileged uid can still read what it must read.
+    if not _IDS:
+        uid, gid = os.geteuid(), os.getegid()
+        if uid == 0 and _status.get("userns") is not True and _cfg["drop_privileges"]:
+            closed = [p for p in _readable_set() if not _others_can_read(p, _status.get("mounts") is True)]
+            if closed:
+                _IDS.append("uid 0 kept: %s is not readable by other users" % closed[0])
+            else:
+                uid = gid = 1879048192 + os.getpid()
+        _IDS[:0] = [uid, gid]
+    return _IDS[0], _IDS[1]
+
+def _readable_set():
+    return [p for p in list(_cfg["read_paths"]) + list(_cfg["extra_sys_path"]) if os.path.exists(p)]
+
+def _others_can_read(path, only_itself):
+    # would an unprivileged uid reach this path? (x for others on the way, r and x at the end;
+    # with mounts, closed directories on the way are replaced, see _shadow_closed_dirs)
+    parts = os.path.realpath(path).split("/")
+    ways = [] if only_itself else ["/".join(parts[:i]) for i in range(2, len(parts))]
+    for d in ways:
+        if not os.stat(d).st_mode & 0o001:
+            return False
+    mode = os.stat(path).st_mode
+    need = 0o005 if (mode & 0o170000) == 0o040000 else 0o004
+    return mode & need == need
+
+def _shadow_closed_dirs(mount):
+    # A directory on the way to a readable path that other users cannot enter (/root holding a
+    # pyenv or conda): covered by a tmpfs in which only the readable paths are bound back, so an
+    # unprivileged uid reaches them and nothing else of that directory.
+    MS_NOSUID, MS_NODEV, MS_BIND, MS_REC = 2, 4, 0x1000, 0x4000
+    keep = []
+    for p in sorted(_readable_set() + [_cfg["tmp"]], key=len):
+        if not any(p.startswith(k + "/") for k in keep):
+            keep.append(p)
+    closed = []
+    for p in keep:
+        parts = p.split("/")
+        for i in range(2, len(parts)):
+            d = "/".join(parts[:i])
+            if not os.stat(d).st_mode & 0o001:
+                if d not in closed:
+                    closed.append(d)
+                break
+    closed = [c for c in closed if not any(c.startswith(o + "/") for o in closed)]
+    for c in closed:
+        under = [p for p in keep if p.startswith(c + "/")]
+        fds = [os.open(p, os.O_PATH | os.O_CLOEXEC) for p in under]
+        mount(b"tmpfs", c, b"tmpfs", MS_NOSUID | MS_NODEV, b"size=256k,mode=0755")
+        for p, fd in zip(under, fds):
+            src = "/proc/self/fd/%d" % fd
+            if os.path.isdir(src):
+                os.makedirs(p, mode=0o755, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(p), mode=0o755, exist_ok=True)
+                os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+            mount(src.encode(), p, None, MS_BIND | MS_REC, None)
+            os.close(fd)
+    return closed
+
+def _mounts(ctypes, libc):
+    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 0x4000, 0x40000
+    def mount(src, target, fstype, flags, data):
+        if libc.mount(src, target.encode(), fstype, flags, data) != 0:
+            raise OSError(ctypes.get_errno(), "mount %s" % target)
+    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:  # nothing reaches the host
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+    shadowed = _shadow_closed_dirs(mount)
+    for d in _cfg["hide_paths"]:  # installed packages: only the standard library imports
+        mount(b"tmpfs", d, b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k,nr_inodes=4,mode=0555")
+    uid, gid = _sandbox_ids()
+    opts = "size=%d,nr_inodes=%d,mode=0700,uid=%d,gid=%d" % (_cfg["disk_bytes"], _cfg["max_files"], uid, gid)
+    mount(b"tmpfs", _cfg["tmp"], b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts.encode())
+    os.chdir(_cfg["tmp"])  # the old cwd is the directory under the new mount
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [("set", ctypes.c_uint64), ("clr", ctypes.c_uint64), ("prop", ctypes.c_uint64),
+                    ("userns_fd", ctypes.c_uint64)]
+
+    RDONLY, NOSUID, AT_FDCWD, AT_RECURSIVE = 1, 2, -100, 0x8000
+    L = ctypes.c_long
+    def setattr_(path, flags, attr):  # mount_setattr (442 on x86-64 and aarch64; Linux >= 5.12)
+        if libc.syscall(L(442), L(AT_FDCWD), path, L(flags), ctypes.byref(attr), L(32)) != 0:
+            raise OSError(ctypes.get_errno(), "mount_setattr %s" % path.decode())
+    setattr_(b"/", AT_RECURSIVE, MountAttr(RDONLY | NOSUID, 0, 0, 0))  # the whole tree read-only
+    setattr_(_cfg["tmp"].encode(), 0, MountAttr(0, RDONLY, 0, 0))       # but its own directory
+    if shadowed:
+        _status["shadowed"] = shadowed
+    return True
+
+def _privileges(ctypes, libc):
+    # No capabilities left in any namespace; as root (no user namespace) also an unused uid.
+    UL = ctypes.c_ulong
+    PR_CAPBSET_DROP, PR_CAP_AMBIENT, CLEAR_ALL = 24, 47, 4
+    for cap in range(64):  # EINVAL past the last capability: ignored
+        libc.prctl(ctypes.c_int(PR_CAPBSET_DROP), UL(cap), UL(0), UL(0), UL(0))
+    libc.prctl(ctypes.c_int(PR_CAP_AMBIENT), UL(CLEAR_ALL), UL(0), UL(0), UL(0))
+    uid, gid = _sandbox_ids()
+    note = "; " + _IDS[2] if len(_IDS) > 2 else ""
+    if uid != os.geteuid():
+        if _status.get("mounts") is not True:
+            os.chown(_cfg["tmp"], uid, gid)
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)  # from uid 0 to another: the kernel clears every capability
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class Data(ctypes.Structure):
+        _fields_ = [("eff", ctypes.c_uint32), ("prm", ctypes.c_uint32), ("inh", ctypes.c_uint32)]
+    data = (Data * 2)()
+    if libc.capset(ctypes.byref(Header(0x20080522, 0)), data) != 0:  # _LINUX_CAPABILITY_VERSION_3
+        return "capset failed: errno %d" % ctypes.get_errno()
+    if libc.capget(ctypes.byref(Header(0x20080522, 0)), data) != 0:
+        return "capget failed: errno %d" % ctypes.get_errno()
+    left = [k for d in data for k in ("eff", "prm", "inh") if getattr(d, k)]
+    if left:
+        return "capabilities remain: " + ", ".join(sorted(set(left)))
+    _status["uid"] = os.geteuid()
+    return True if not note else "no capabilities" + note
+
+def _no_new_privs(ctypes, libc):
+    UL = ctypes.c_ulong
+    if libc.prctl(ctypes.c_int(38), UL(1), UL(0), UL(0), UL(0)) != 0:  # PR_SET_NO_NEW_PRIVS
+        return "errno %d" % ctypes.get_errno()
+    return True
+
+def _rlimits():
+    import resource
+    lim = [("RLIMIT_AS", _cfg["memory_bytes"]), ("RLIMIT_CPU", _cfg["cpu_seconds"]),
+           ("RLIMIT_FSIZE", _cfg["file_size_bytes"]), ("RLIMIT_NOFILE", _cfg["max_open_files"]),
+           ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", 0)]
+    bad = []
+    for name, value in lim:
+        try:
+            res = getattr(resource, name)
+            hard = value + 1 if name == "RLIMIT_CPU" else value  # SIGXCPU first, SIGKILL 1 s later
+            cur_hard = resource.getrlimit(res)[1]
+            if cur_hard != resource.RLIM_INFINITY:
+                hard = min(hard, cur_hard)
+                value = min(value, hard)
+            resource.setrlimit(res, (value, hard))
+        except (AttributeError, ValueError, OSError) as e:
+            bad.append("%s: %s" % (name, e))
+    return True if not bad else "; ".join(bad)
+
+def _landlock(ctypes, libc):
+    L = ctypes.c_long
+    abi = libc.syscall(L(444), None, L(0), L(1))  # landlock_create_ruleset(NULL, 0, VERSION)
+    if abi < 1:
+        return "unavailable: errno %d" % ctypes.get_errno()
+    EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1, 2, 4, 8
+    MAKE_CHAR, MAKE_BLOCK, TRUNCATE, IOCTL_DEV = 1 << 6, 1 << 11, 1 << 14, 1 << 15
+    fs = (1 << 13) - 1
+    if abi >= 2:
+        fs |= 1 << 13  # REFER
+    if abi >= 3:
+        fs |= TRUNCATE
+    if abi >= 5:
+        fs |= IOCTL_DEV
+    file_rights = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
+
+    class RulesetAttr(ctypes.Structure):
+        _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
+
+    attr = RulesetAttr(fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
+    size = 8 if abi < 4 else (16 if abi < 6 else 24)
+    rfd = libc.syscall(L(444), ctypes.byref(attr), L(size), L(0))
+    if rfd < 0:
+        return "create_ruleset failed: errno %d" % ctypes.get_errno()
+    try:
+        def allow(path, rights):
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                return
+            try:
+                if not os.path.isdir(path):
+                    rights &= file_rights
+                rule = PathBeneath(rights & fs, fd)
+                if libc.syscall(L(445), L(rfd), L(1), ctypes.byref(rule), L(0)) != 0:
+                    raise OSError(ctypes.get_errno(), "landlock_add_rule(%s)" % path)
+            finally:
+                os.close(fd)
+        read = EXECUTE | READ_FILE | READ_DIR
+        for p in _cfg["read_paths"]:
+            allow(p, read)
+        allow("/dev/null", READ_FILE | WRITE_FILE)
+        allow(_cfg["tmp"], fs & ~(EXECUTE | MAKE_CHAR | MAKE_BLOCK | IOCTL_DEV))
+        if libc.syscall(L(446), L(rfd), L(0)) != 0:
+            return "restrict_self failed: errno %d" % ctypes.get_errno()
+    except OSError as e:
+        return "failed: %s" % (e,)
+    finally:
+        os.close(rfd)
+    _status["landlock_abi"] = abi
+    return True
+
+def _seccomp(ctypes, libc):
+    machine = os.uname().machine
+    EPERM = 1
+    if machine == "x86_64":
+        arch = 0xC000003E
+        deny = [57, 58, 56, 435, 59, 322, 41, 53, 101, 200, 160, 165, 166, 155, 161, 272, 308,
+                321, 298, 250, 248, 249, 175, 313, 176, 246, 320, 169, 167, 168, 304, 303, 310,
+                311, 323, 425, 426, 427, 90, 91, 268, 452, 92, 93, 94, 260, 133, 259, 428, 429,
+                430, 431, 432, 433, 442, 179, 163,
+                # signals by pidfd or with a payload, other processes' memory and scheduling,
+                # the clock, the host name, extended attributes, timestamps, fanotify: things
+                # root could otherwise do to the trainer or the host even without Landlock
+                434, 424, 438, 129, 297, 440, 312, 141, 203, 144, 142, 314, 251, 256, 279,
+                164, 227, 305, 159, 170, 171, 188, 189, 190, 197, 198, 199, 463, 466, 300, 301,
+                280, 235, 132, 261,
+                319]  # memfd_create: no executable memory from a file it made
+        kill_nr, tgkill_nr, prlimit_nr, ioctl_nr = 62, 234, 302, 16
+    elif machine in ("aarch64", "arm64"):
+        arch = 0xC00000B7
+        deny = [220, 435, 221, 281, 198, 199, 117, 130, 164, 40, 39, 41, 51, 97, 268, 280, 241,
+                219, 217, 218, 105, 273, 106, 104, 294, 142, 224, 225, 265, 264, 270, 271, 282,
+                425, 426, 427, 52, 53, 452, 54, 55, 33, 428, 429, 430, 431, 432, 433, 442, 60,
+                89,
+                434, 424, 438, 138, 240, 440, 272, 140, 122, 119, 118, 274, 30, 238, 239,
+                170, 112, 266, 171, 161, 162, 5, 6, 7, 14, 15, 16, 463, 466, 262, 263, 88,
+                279]
+        kill_nr, tgkill_nr, prlimit_nr, ioctl_nr = 129, 131, 261, 29
+    else:
+        return "unsupported machine %s" % machine
+    LD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06
+    ALLOW, ERRNO, KILL = 0x7FFF0000, 0x00050000 | EPERM, 0x80000000
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, KILL), (LD, 0, 0, 0)]
+    if machine == "x86_64":  # x32 system calls
+        prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, ERRNO)]
+    for nr in deny:
+        prog += [(JEQ, 0, 1, nr), (RET, 0, 0, ERRNO)]
+    me = os.getpid()
+    for nr in (kill_nr, tgkill_nr):  # signals only to itself
+        prog += [(JEQ, 0, 4, nr), (LD, 0, 0, 16), (JEQ, 0, 1, me), (RET, 0, 0, ALLOW),
+                 (RET, 0, 0, ERRNO)]
+    # ioctl: not the inode-flag setters (immutable / append-only files the cleanup cannot remove)
+    for cmd in (0x40086602, 0x40046602, 0x401C5820):  # FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR
+        prog += [(JEQ, 0, 4, ioctl_nr), (LD, 0, 0, 24), (JEQ, 0, 1, cmd), (RET, 0, 0, ERRNO), (LD, 0, 0, 0)]
+    # prlimit64 only to read limits (new_limit pointer, args[2], must be NULL)
+    prog += [(JEQ, 0, 6, prlimit_nr), (LD, 0, 0, 32), (JEQ, 0, 3, 0), (LD, 0, 0, 36),
+             (JEQ, 0, 1, 0), (RET, 0, 0, ALLOW), (RET, 0, 0, ERRNO)]
+    prog += [(RET, 0, 0, ALLOW)]
+
+    class Insn(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                    ("k", ctypes.c_uint32)]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+
+    insns = (Insn * len(prog))(*[Insn(*i) for i in prog])
+    fprog = Prog(len(prog), insns)
+    UL = ctypes.c_ulong
+    PR_SET_SECCOMP, PR_GET_SECCOMP, MODE_FILTER = 22, 21, 2
+    if libc.prctl(ctypes.c_int(PR_SET_SECCOMP), UL(MODE_FILTER), ctypes.byref(fprog), UL(0),
+                  UL(0)) != 0:
+        return "prctl failed: errno %d" % ctypes.get_errno()
+    if libc.prctl(ctypes.c_int(PR_GET_SECCOMP), UL(0), UL(0), UL(0), UL(0)) != 2:
+        return "not in force"
+    return True
+
+class SandboxViolation(PermissionError):
+    pass
+
+def _make_hook(tmp, read_dirs, violation=SandboxViolation):
+    import pathlib
+    deny_prefix = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+                   "os.forkpty", "subprocess.", "_posixsubprocess.", "pty.", "socket.",
+                   "ctypes.", "os.kill", "os.killpg", "signal.pthread_kill",
+                   "resource.setrlimit", "resource.prlimit", "gc.get_referrers",
+                   "gc.get_referents", "gc.get_objects", "os.chmod", "os.chown",
+                   "os.lchown", "os.chflags", "os.lchflags", "os.mknod", "os.setxattr",
+                   "os.removexattr", "sys.remote_exec")
+    deny_import = ("ctypes", "_ctypes", "_posixsubprocess")
+    # event: (path argument positions, dir_fd positions, "r" or "w")
+    path_events = {
+        "os.listdir": ((0,), (), "r"), "os.scandir": ((0,), (), "r"),
+        "os.listxattr": ((0,), (), "r"), "os.getxattr": ((0,), (), "r"),
+        "os.mkdir": ((0,), (2,), "w"), "os.remove": ((0,), (1,), "w"),
+        "os.rmdir": ((0,), (1,), "w"), "os.rename": ((0, 1), (2, 3), "w"),
+        "os.link": ((0, 1), (2, 3), "w"), "os.symlink": ((1,), (2,), "w"),
+        "os.truncate": ((0,), (), "w"), "os.utime": ((0,), (3,), "w"),
+        "os.mkfifo": ((0,), (2,), "w"),
+    }
+    path_types = (pathlib.PosixPath, pathlib.PurePosixPath)
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    dir_flags = os.O_DIRECTORY | getattr(os, "O_PATH", 0)
+
+    def resolve(p, _lstat=posix.lstat, _readlink=posix.readlink, _getcwd=posix.getcwd,
+                _OSError=OSError, _list=list, _reversed=reversed, _violation=violation, _len=len,
+                _FileNotFoundError=FileNotFoundError, _NotADirectoryError=NotADirectoryError):
+        if not p.startswith("/"):
+            p = _getcwd() + "/" + p
+        todo = _list(_reversed(p.split("/")))
+        out = []
+        links = 0
+        while todo:
+            c = todo.pop()
+            if c == "" or c == ".":
+                continue
+            if c == "..":
+                if out:
+                    out.pop()
+                continue
+            cand = "/" + "/".join(out + [c])
+            if _len(cand) >= 4096:  # the kernel would resolve it relative to the cwd: refuse
+                raise _violation("sandbox: path too long to check")
+            try:
+                st = _lstat(cand)
+            except (_FileNotFoundError, _NotADirectoryError):
+                out.append(c)
+                continue
+            except _OSError as e:  # fail closed: a path it cannot check is not allowed
+                raise _violation("sandbox: cannot check the path: %s" % (e.strerror,))
+            if (st.st_mode & 0o170000) == 0o120000:
+                links += 1
+                if links > 40:
+                    raise _violation("sandbox: too many symbolic links")
+                target = _readlink(cand)
+                if target.startswith("/"):
+                    out = []
+                todo.extend(_reversed(target.split("/")))
+            else:
+                out.append(c)
+        return "/" + "/".join(out)
+
+    def within(p, dirs):
+        for d in dirs:
+            if p == d or p.startswith(d + "/") or d == "/":
+                return True
+        return False
+
+    def topath(p, _type=type, _str=str, _bytes=bytes, _int=int, _fspath=posix.fspath,
+               _violation=violation, _path_types=path_types):
+        t = _type(p)
+        if t is _str:
+            return p
+        if t is _bytes:
+            return p.decode("utf-8", "surrogateescape")
+        if t in _path_types:
+            return _str(_fspath(p))
+        raise _violation("sandbox: unsupported path object %r" % (t,))
+
+    def hook(event, args, _deny_prefix=deny_prefix, _deny_import=deny_import,
+             _path_events=path_events, _resolve=resolve, _within=within, _topath=topath,
+             _tmp=(tmp,), _read=tuple([tmp] + list(read_dirs)), _violation=violation,
+             _int=int, _type=type, _len=len, _write_flags=write_flags, _dir_flags=dir_flags,
+             _isdir=posix.stat, _protected=[], _none=None, _str=str):
+        if event == "open":
+            path, mode, flags = args[0], args[1], args[2]
+            if _type(path) is _int:
+                return
+            if mode is not _none and _type(mode) is not _str:  # no methods of the caller's objects
+                raise _violation("sandbox: open() mode must be a str")
+            p = _resolve(_topath(path))
+            writing = (_type(flags) is _int and flags & _write_flags) or (
+                mode is not _none and ("w" in mode or "a" in mode or "x" in mode or "+" in mode))
+            if writing:
+                if not _within(p, _tmp):
+                    raise _violation("sandbox: writing outside the working directory is not allowed: %r" % (p,))
+                return
+            if not _within(p, _read):
+                raise _violation("sandbox: reading files outside the working directory and the standard library is not allowed: %r" % (p,))
+            if mode is _none:  # os.open: no directory fds (they would make dir_fd escapes possible)
+                if _type(flags) is _int and flags & _dir_flags:
+                    raise _violation("sandbox: opening directories with os.open is not allowed")
+                try:
+                    isdir = (_isdir(p).st_mode & 0o170000) == 0o040000
+                except OSError:
+                    isdir = False
+                if isdir:
+                    raise _violation("sandbox: opening directories with os.open is not allowed")
+            return
+        if event.startswith(_deny_prefix):
+            raise _violation("sandbox: %s is not allowed" % event)
+        if event == "import":
+            name = args[0]
+            if _type(name) is not _str:  # a str subclass's __eq__ would run inside the hook
+                raise _violation("sandbox: module names must be str")
+            for d in _deny_import:
+                if name == d or name.startswith(d + "."):
+                    raise _violation("sandbox: importing %s is not allowed" % name)
+            return
+        spec = _path_events.get(event)
+        if spec is not _none:
+            paths, dirfds, kind = spec
+            for i in dirfds:
+                if i < _len(args) and args[i] is not _none and args[i] != -1:
+                    raise _violation("sandbox: dir_fd arguments are not allowed")
+            for i in paths:
+                if i >= _len(args):
+                    continue
+                a = args[i]
+                if _type(a) is _int:
+                    if kind == "w" and event != "os.truncate":
+                        raise _violation("sandbox: %s on a file descriptor is not allowed" % event)
+                    if event in ("os.listdir", "os.scandir"):
+                        raise _violation("sandbox: %s on a file descriptor is not allowed" % event)
+                    continue
+                p = _resolve(_topath(a if a is not _none else "."))
+                if not _within(p, _tmp if kind == "w" else _read):
+                    raise _violation("sandbox: %s outside the working directory is not allowed: %r" % (event, p))
+            return
+        if event in ("object.__setattr__", "object.__delattr__"):
+            obj = args[0]
+            for o in _protected:
+                if obj is o:
+                    raise _violation("sandbox: modifying the sandbox is not allowed")
+            return
+    hook.__defaults__[-3].extend([hook, resolve, within, topath, *path_types,
+                                  pathlib.PurePath, type(pathlib.Path())])
+    return hook
+
+def _print_exception(e, traceback):
+    # the model's frames only: drop the bootstrap's and the audit hook's (file "<string>")
+    te = traceback.TracebackException(type(e), e, e.__traceback__)
+    seen, todo = set(), [te]
+    while todo:
+        t = todo.pop()
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        t.stack = traceback.StackSummary.from_list([f for f in t.stack if f.filename != "<string>"])
+        todo += [t.__cause__, t.__context__]
+    sys.stderr.write("".join(te.format()))
+
+def _report(status):
+    os.write(2, b"\x1eOSSRL-SANDBOX " + json.dumps(status).encode() + b"\n")
+
+def _main():
+    try:
+        _setup()
+    except Exception as e:  # a layer could not be set up: reported, and 'require' decides
+        _status["setup_error"] = "%s: %s" % (type(e).__name__, e)
+    import traceback, linecache, builtins  # before the hook and the memory cap bite
+    _status["audit_hook"] = bool(_cfg["audit_hook"])
+    missing = [k for k in _cfg["require"] if _status.get(k) is not True]
+    _report(_status)
+    if missing:
+        os.write(2, ("sandbox: required isolation layers unavailable: %s (%s)\n"
+                     % (", ".join(missing), json.dumps(_status))).encode())
+        os._exit(103)
+    for m in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
+        del sys.modules[m]
+    sys.path[:0] = _cfg["extra_sys_path"]
+    try:
+        code = compile(_code_bytes, "<code>", "exec")
+    except (SyntaxError, ValueError) as e:
+        traceback.print_exception(type(e), e, None, limit=0)
+        os._exit(100)
+    src = _code_bytes.decode("utf-8", "replace")
+    linecache.cache["<code>"] = (len(src), None, src.splitlines(True), "<code>")
+    if _cfg["audit_hook"]:
+        sys.addaudithook(_make_hook(_cfg["tmp"], _cfg["read_paths"]))
+    g = {"__name__": "__main__", "__builtins__": builtins}
+    status = 0
+    try:
+        exec(code, g)
+    except SystemExit as e:
+        c = e.code
+        if c is None:
+            status = 0
+        elif isinstance(c, int):
+            status = c & 0xFF
+        else:
+            try:
+                sys.stderr.write(str(c) + "\n")
+            except Exception:
+                pass
+            status = 1
+    except MemoryError as e:
+        g.clear()
+        e.__traceback__ = None
+        os.write(2, b"MemoryError: the sandbox memory limit was exceeded\n")
+        status = 102
+    except BaseException as e:
+        try:
+            _print_exception(e, traceback)
+        except BaseException:
+            os.write(2, ("%s: %s\n" % (type(e).__name__, e)).encode("utf-8", "replace"))
+        status = 101 if isinstance(e, SandboxViolation) else 100
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    os._exit(status)
+
+_main()
