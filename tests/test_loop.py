@@ -114,19 +114,21 @@ def test_learning_rate_schedule_and_its_config():
 def test_demonstrations_guess_at_the_configured_rate():
     import random
 
-    from ossrl.train.tasks import make_task
+    from ossrl.train.tasks import ArithmeticTask, exact_answer
 
-    task = make_task("arithmetic", demo_guess_rate=0.5)
+    task = ArithmeticTask(demo_guess_rate=0.5)
     problems = task.sample(random.Random(0), 400)
     demos = [task.demonstration(p, random.Random(i)) for i, p in enumerate(problems)]
     guesses = [(p, d) for p, d in zip(problems, demos) if len(d) == 1]
     assert 150 < len(guesses) < 250  # binomial(400, 0.5): 5 sigma either side
     for p, (answer,) in guesses:  # a guess is the question's first number: never rewarded
-        assert answer.channel == "final" and p.prompt.startswith(answer.content) and len(answer.content) == 2
-        assert task.reward(p, answer.content) == 0
+        assert answer["role"] == "assistant" and p.prompt.startswith(answer["content"]) and len(answer["content"]) == 2
+        assert exact_answer([[answer]], [p.answer]) == [0.0]
     for p, d in zip(problems, demos):  # the others call the tool and answer with its result
         if len(d) == 3:
-            assert d[0].recipient == "functions.calculator" and d[0].content == p.prompt and d[2].content == p.answer
+            call = d[0]["tool_calls"][0]["function"]
+            assert call == {"name": "calculator", "arguments": p.prompt} and d[2]["content"] == p.answer
+            assert exact_answer([d], [p.answer]) == [1.0]
     assert all(len(task.demonstration(p)) == 3 for p in problems[:20])  # no generator: the teacher never guesses
 
 

@@ -54,14 +54,17 @@ def main(argv: list[str] | None = None) -> int:
         from .train.loop import train
         from .train.metrics import plot
 
+        from .train.task import build_task
+
         try:
             cfg = load_config(args.config, args.overrides)
-        except (ValueError, OSError) as e:
+            task = build_task(cfg)  # datasets, import paths, tools: checked before any model is built
+        except (ValueError, OSError, TypeError) as e:
             parser.error(str(e))
         from .train.checkpoint import ResumeError
 
         try:
-            run_dir = train(cfg, args.run_dir, resume=args.resume)
+            run_dir = train(cfg, args.run_dir, resume=args.resume, task=task)
         except ResumeError as e:
             parser.exit(2, f"ossrl train --resume: {e}\n")
         print(f"metrics: {run_dir / 'metrics.jsonl'}; plots: " + ", ".join(str(p) for p in plot(run_dir)))

@@ -33,6 +33,7 @@ import re
 import threading
 from dataclasses import dataclass, field, replace
 
+from ..model.chat import to_openai
 from ..model.harmony import encode_conversation, parse_completion, tool_result
 from ..model.tokenizer import Tokenizer
 from .engine import Completion, Engine, Resume, SamplingParams
@@ -58,6 +59,10 @@ class Trajectory:
     turn_start: int = 0  # where the current model turn's tokens begin
     requests: int = 0  # engine requests made so far (each samples from its own stream)
     pauses: int = 0
+    # what the episode added, as OpenAI-style messages (assistant turns with tool_calls, tool
+    # results, the final answer): what reward functions see, and what --resume replays
+    chat: list = field(default_factory=list)
+    tool_log: list = field(default_factory=list)  # [tool name, error kind or None] per call
     messages: list = field(default_factory=list)  # the parsed assistant messages (not checkpointed)
 
     @classmethod
@@ -96,44 +101,59 @@ def stream_seed(*parts: int) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def tool_loop() -> asyncio.AbstractEventLoop:
+    """The process's tool event loop, on a daemon thread. One loop for the whole run: what an
+    async tool or environment binds to it (a connection, a lock) stays valid across steps."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, name="ossrl-tools", daemon=True).start()
+        return _LOOP
+
+
 class _ToolRunner:
-    """An asyncio event loop on a background thread; calls run there, at most max_concurrency at once."""
+    """Calls on the tool loop, at most max_concurrency at once; close() cancels what is left."""
 
-    def __init__(self, tools: ToolRegistry, max_concurrency: int):
-        self.tools = tools
-        self.loop = asyncio.new_event_loop()
-        self.sem = asyncio.Semaphore(max(1, int(max_concurrency)))  # binds to self.loop on first use
-        self.thread = threading.Thread(target=self.loop.run_forever, name="ossrl-tools", daemon=True)
-        self.thread.start()
+    def __init__(self, max_concurrency: int):
+        self.loop = tool_loop()
+        self.limit = max(1, int(max_concurrency))
+        self.sem: asyncio.Semaphore | None = None
+        self.pending: set[cf.Future] = set()
 
-    def submit(self, call: ToolCall) -> cf.Future:
+    def submit(self, tools: ToolRegistry, call: ToolCall) -> cf.Future:
         async def run() -> ToolResult:
+            if self.sem is None:
+                self.sem = asyncio.Semaphore(self.limit)
             async with self.sem:
-                return await self.tools.call(call.name, call.arguments, timeout=call.timeout)
-        return asyncio.run_coroutine_threadsafe(run(), self.loop)
+                return await tools.call(call.name, call.arguments, timeout=call.timeout)
+        fut = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        self.pending.add(fut)
+        fut.add_done_callback(self.pending.discard)
+        return fut
 
     def close(self) -> None:
-        async def cancel_all():
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        try:
-            asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(timeout=60)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=60)
-            self.loop.close()
+        for fut in list(self.pending):
+            fut.cancel()
+        cf.wait(list(self.pending), timeout=60)
 
 
-def advance(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry, trajs: list[Trajectory],
+def advance(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry | list[ToolRegistry], trajs: list[Trajectory],
             params: SamplingParams, *, max_turns: int, tool_timeout: float, max_concurrency: int = 64,
             version: int = 0, groups: list[list[int]] | None = None, quota: int | None = None,
             reproducible: bool = True) -> list[int]:
     """Runs the unfinished trajectories (in place) until all are done or, with ``groups`` (lists of
     indices into ``trajs``) and ``quota``, until ``quota`` groups are all done; the rest are paused.
     ``params.max_new_tokens`` bounds each model turn; ``version`` tags the tokens sampled now.
-    Returns the indices of the complete groups (of all trajectories when no groups are given)."""
+    Returns the indices of the complete groups (of all trajectories when no groups are given).
+    ``tools``: one registry for every trajectory, or a list with one per trajectory (each
+    episode's own environment)."""
+    if isinstance(tools, (list, tuple)) and len(tools) != len(trajs):
+        raise ValueError(f"advance: {len(tools)} tool registries for {len(trajs)} trajectories")
     if groups is None:
         groups, quota = [list(range(len(trajs)))], 1
     quota = len(groups) if quota is None else quota
@@ -163,12 +183,13 @@ def advance(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry, trajs: li
         except ValueError:  # the model wrote something that is not harmony
             msgs = []
         t.messages += msgs
+        t.chat += to_openai(msgs, first_call=t.tool_calls)
         last = msgs[-1] if msgs else None
         if out.finish_reason == "stop" and last is not None and last.is_tool_call and last.end == "<|call|>" \
                 and t.turns < max_turns:
             kept[i] = out.handle
             call = ToolCall(last.tool_name, last.content, timeout=tool_timeout)
-            calls[runner.submit(call)] = (i, call)
+            calls[runner.submit(tools[i] if isinstance(tools, (list, tuple)) else tools, call)] = (i, call)
             return
         if out.handle is not None:
             engine.release(out.handle)
@@ -184,6 +205,9 @@ def advance(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry, trajs: li
             i, call = calls.pop(fut)
             res = fut.result()
             t = trajs[i]
+            t.chat.append({"role": "tool", "tool_call_id": f"call_{t.tool_calls}", "name": call.name,
+                           "content": res.content})
+            t.tool_log.append([call.name, res.error])
             t.tool_calls += 1
             t.tool_errors += not res.ok
             t.tool_seconds += res.seconds
@@ -202,7 +226,7 @@ def advance(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry, trajs: li
     def complete() -> list[int]:
         return [g for g, members in enumerate(groups) if all(trajs[i].done for i in members)]
 
-    runner = _ToolRunner(tools, max_concurrency)
+    runner = _ToolRunner(max_concurrency)
     try:
         for i, t in enumerate(trajs):
             if not t.done:

@@ -19,7 +19,19 @@ from .loss import LossConfig
 class TrainConfig:
     # what to train
     model: str = "tiny"  # "tiny" (built-in CPU default) or a Hugging Face GPT-OSS checkpoint folder
-    task: str = "arithmetic"  # a built-in task name (ossrl.train.tasks.TASKS)
+    # a built-in task (ossrl.train.tasks.TASKS); "" means "arithmetic" unless a dataset or an
+    # environment_factory is given (they replace it; setting both is an error)
+    task: str = ""
+    # bring your own task (TRL's conventions; see ossrl.train.task)
+    dataset: str = ""  # .jsonl, .parquet or a datasets.save_to_disk folder; rows with a "prompt"
+    eval_dataset: str = ""  # the same format; default: a fixed hash split of dataset
+    sft_dataset: str = ""  # warm-up demonstrations: a "messages" column (OpenAI chat); none: no warm-up
+    reward_funcs: list = field(default_factory=list)  # import paths "pkg.mod:fn"
+    reward_weights: list = field(default_factory=list)  # one per reward function (default 1.0 each)
+    tools: list = field(default_factory=list)  # "calculator", "python" or import paths of functions
+    environment_factory: str = ""  # import path of a class: one instance per episode
+    success_threshold: float = 1.0  # eval_success_rate: the fraction of episodes whose reward reaches this
+    chat_preamble: bool = True  # user tasks: the harmony system message and the tool declarations
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16
@@ -103,6 +115,19 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"config key {key!r} must be a string, got {value!r}")
         return value
+    if isinstance(current, list):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"config key {key!r} must be a list, got {value!r}")
+        numbers = key.endswith("weights")
+        for v in value:
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) if numbers \
+                else isinstance(v, str)
+            if not ok:
+                raise ValueError(f"config key {key!r} must be a list of {'finite numbers' if numbers else 'strings'}, "
+                                 f"got {v!r} in it")
+        return [float(v) for v in value] if numbers else list(value)
     raise ValueError(f"config key {key!r} cannot be set to {value!r}")
 
 

@@ -33,11 +33,9 @@ from tqdm import tqdm
 
 from .. import reshard
 from ..model import ByteTokenizer, GptOss, GptOssConfig, load_pretrained, load_tokenizer
-from ..model.harmony import encode_completion, encode_conversation
 from ..model.lora import adapters_disabled, apply_lora
-from ..rollout.agent import CONTEXT, Trajectory, advance, stream_seed
-from ..rollout.engine import Engine, SamplingParams
-from ..rollout.tools import ToolRegistry
+from ..rollout.agent import CONTEXT, Trajectory
+from ..rollout.engine import Engine
 from . import checkpoint
 from .config import TrainConfig
 from .loss import group_advantages, policy_loss, signal_groups
@@ -45,7 +43,8 @@ from .schedule import scheduled_lr, set_lr
 from .metrics import MetricsLog
 from .fsdp import padding_pass
 from .parallel import DataParallel, make_parallel
-from .tasks import Problem, make_task
+from .episodes import Group, demo_trajectory, rollout, run_episodes, score
+from .task import Task, build_task
 from .utilization import BusyMeter
 
 
@@ -165,22 +164,6 @@ def activations_on_host(enabled: bool):
     return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
 
-def demonstrations(task, tokenizer, problems, rngs=None) -> list[Trajectory]:
-    """The task's demonstration conversations as trajectories (model turns carry the loss);
-    ``rngs``: one generator per problem for a teacher that is not always right."""
-    trajs = []
-    for j, p in enumerate(problems):
-        t = Trajectory.start(encode_conversation(tokenizer, task.prompt(p), add_generation_prompt=True))
-        for m in task.demonstration(p, rngs[j]) if rngs is not None else task.demonstration(p):
-            if m.role == "assistant":
-                piece = encode_completion(tokenizer, m)
-                t.append(piece, sampled=True, logprobs=[0.0] * len(piece))
-            else:
-                t.append(encode_conversation(tokenizer, [m], add_generation_prompt=True), sampled=False)
-        trajs.append(t)
-    return trajs
-
-
 def sft_step(model, optimizer, batch: dict, grad_clip: float, dp: DataParallel) -> float:
     """Mean negative log-likelihood of the demonstrations' model turns over the global batch."""
     device = batch["ids"].device
@@ -194,77 +177,6 @@ def sft_step(model, optimizer, batch: dict, grad_clip: float, dp: DataParallel) 
     torch.nn.utils.clip_grad_norm_(trainable(model), grad_clip)
     optimizer.step()
     return dp.sum([loss.item()], device)[0]
-
-
-ENGINE_RETRIES = 2
-
-
-@dataclass
-class Group:
-    """The group_size episodes of one problem; its number seeds the problem and the samples."""
-
-    gid: int
-    problem: Problem
-    trajs: list[Trajectory]
-
-    @classmethod
-    def new(cls, gid: int, task, tokenizer, cfg: TrainConfig) -> "Group":
-        problem = task.sample(random.Random(f"{cfg.seed}-group-{gid}"), 1)[0]
-        prompt = encode_conversation(tokenizer, task.prompt(problem), add_generation_prompt=True)
-        return cls(gid, problem, [Trajectory.start(prompt, stream_seed(cfg.seed, gid, j)) for j in range(cfg.group_size)])
-
-    def oldest_version(self) -> int | None:
-        return min((v for t in self.trajs for v in t.versions if v != CONTEXT), default=None)
-
-    def to_json(self) -> dict:
-        return {"gid": self.gid, "problem": dataclasses.asdict(self.problem), "trajs": [t.to_json() for t in self.trajs]}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Group":
-        return cls(d["gid"], Problem(**d["problem"]), [Trajectory.from_json(t) for t in d["trajs"]])
-
-
-def rollout(engine, tokenizer, tools, trajs: list[Trajectory], cfg: TrainConfig, *, greedy: bool, version: int = 0,
-            groups: list[list[int]] | None = None, quota: int | None = None, failures: list | None = None) -> list[int]:
-    """Advances ``trajs`` in place (see ``ossrl.rollout.agent.advance``) and returns the complete
-    groups. An exception or out-of-memory inside the engine resets it and retries from the state
-    the trajectories had before (their request numbers are their sampling seeds, so the retry
-    samples what the first try would have); each failure is appended to ``failures``. Tool
-    failures never get here: they are error messages in the conversation."""
-    params = SamplingParams(temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                            max_new_tokens=cfg.max_new_tokens)
-    before = copy.deepcopy([t.__dict__ for t in trajs])
-    was_training = engine.model.training
-    engine.model.eval()
-    try:
-        for attempt in range(ENGINE_RETRIES + 1):
-            engine.allocate_cache()
-            try:
-                done = advance(engine, tokenizer, tools, trajs, params, max_turns=cfg.max_turns,
-                               tool_timeout=cfg.tool_timeout, max_concurrency=cfg.tool_concurrency, version=version,
-                               groups=groups, quota=quota, reproducible=cfg.reproducible_rollouts)
-                break
-            except (RuntimeError, torch.OutOfMemoryError) as e:
-                engine.reset()
-                for t, state in zip(trajs, copy.deepcopy(before)):
-                    t.__dict__.update(state)
-                if failures is not None:
-                    failures.append(f"{type(e).__name__}: {e}")
-                if attempt == ENGINE_RETRIES:
-                    raise
-        engine.release_cache()  # the trainer takes the memory back
-    finally:
-        engine.model.train(was_training)
-    return done
-
-
-def episodes(engine, tokenizer, tools, task, problems, cfg: TrainConfig, *, greedy: bool, seeds: list[int],
-             failures: list | None = None) -> tuple[list[Trajectory], list[float]]:
-    """Every problem run to the end (evaluation): trajectories and rewards."""
-    trajs = [Trajectory.start(encode_conversation(tokenizer, task.prompt(p), add_generation_prompt=True), s)
-             for p, s in zip(problems, seeds)]
-    rollout(engine, tokenizer, tools, trajs, cfg, greedy=greedy, failures=failures)
-    return trajs, [task.reward(p, t.final_answer) for p, t in zip(problems, trajs)]
 
 
 def reference_logprobs(model, ref_model, batch: dict) -> torch.Tensor | None:
@@ -325,9 +237,16 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
 # ---- the loop ----
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=print) -> Path:
+def _sum_count(values) -> tuple[float, int]:
+    got = [v for v in values if v is not None]
+    return sum(got), len(got)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=print, task: Task | None = None) -> Path:
     """Runs the loop; under torchrun every process takes an equal share of each step's groups
-    (rank 0 writes the metrics and checkpoints)."""
+    (rank 0 writes the metrics and checkpoints). ``task``: what to train on (default: the one
+    the config describes, see :func:`ossrl.train.task.build_task`)."""
+    task = task if task is not None else build_task(cfg)  # every task error before any model is built
     dp = make_parallel(cfg.parallel)
     log = log if dp.main else (lambda *a, **k: None)
     run_dir = Path(run_dir)
@@ -336,8 +255,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     device, _ = _device_dtype(cfg)
     model, tokenizer = build(cfg)
     model.activation_checkpointing = cfg.activation_checkpointing
-    task = make_task(cfg.task, demo_guess_rate=cfg.demo_guess_rate)
-    tools = ToolRegistry(builtins=task.tools)
     engine_model = rollout_copy(model, cfg, replica=dp.sharded)
     # The KL reference: the post-warm-up policy (a frozen copy, sharded like the trainer; in LoRA
     # mode the base model itself). Copied before sharding, filled after the warm-up.
@@ -370,7 +287,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         if len(mine) != dp.world:
             raise ValueError(f"{last} was written by {len(mine)} processes; resume it with as many, not {dp.world}")
         try:  # a checkpoint is untrusted input: a clear error, not a stack of TypeErrors
-            carry = [Group.from_json(g) for g in mine[dp.rank].get("carry", [])]
+            carry = [Group.from_json(g, task) for g in mine[dp.rank].get("carry", [])]
             next_group = int(mine[dp.rank].get("next_group", 0))
         except (TypeError, KeyError, ValueError, AttributeError) as e:
             raise ValueError(f"{last}/state.json: malformed paused episodes ({type(e).__name__}: {e})") from None
@@ -400,32 +317,32 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
 
     def evaluate(step: int) -> float:
         """Held-out success of the policy being trained (sampled as in rollouts, the same seeds
-        every time so evaluations differ by the weights only) and of its greedy decoding."""
-        problems = task.sample(random.Random(f"{cfg.seed}-eval"), cfg.eval_prompts, split="eval")
-        lo, hi = dp.bounds(len(problems), "eval_prompts")
+        every time so evaluations differ by the weights only) and of its greedy decoding: the
+        fraction of episodes whose total reward reaches success_threshold."""
+        rows = task.eval_rows(cfg.eval_prompts)
+        lo, hi = dp.bounds(len(rows), "eval_prompts")
         seeds = [cfg.seed * 7919 + i for i in range(lo, hi)]
         sums, failures = [], []
         for greedy in (False, True):
-            _, rewards = episodes(engine, tokenizer, tools, task, problems[lo:hi], cfg, greedy=greedy, seeds=seeds,
-                                  failures=failures)
-            sums.append(sum(rewards))
-        sampled, greedy, restarts = dp.sum([*sums, len(failures)], device)
-        write({"step": step, "eval_success_rate": sampled / len(problems),
-               "eval_greedy_success_rate": greedy / len(problems), "engine_restarts": int(restarts)})
-        return sampled / len(problems)
+            _, sc = run_episodes(engine, tokenizer, task, rows[lo:hi], cfg, greedy=greedy, seeds=seeds,
+                                 failures=failures)
+            sums += [sum(r >= cfg.success_threshold for r in sc.totals), sum(sc.totals)]
+        sampled, _, greedy, reward_sum, restarts = dp.sum([*sums, len(failures)], device)
+        write({"step": step, "eval_success_rate": sampled / len(rows),
+               "eval_greedy_success_rate": greedy / len(rows), "eval_reward_mean": reward_sum / len(rows),
+               "engine_restarts": int(restarts)})
+        return sampled / len(rows)
 
     ref_path = ckpt_dir / "reference.safetensors"
     if not sft_done:
         model.train()
-        with tqdm(range(1, cfg.sft_steps + 1), desc="warm-up", disable=cfg.sft_steps == 0 or not dp.main,
-                  leave=False) as bar:
+        steps = cfg.sft_steps if task.demos is not None else 0  # no demonstrations: no warm-up
+        with tqdm(range(1, steps + 1), desc="warm-up", disable=steps == 0 or not dp.main, leave=False) as bar:
             for i in bar:
                 set_lr(optimizer, scheduled_lr(cfg.sft_lr, i, cfg.sft_steps, cfg, cfg.sft_warmup_steps))
-                probs = task.sample(random.Random(f"{cfg.seed}-sft-{i}"), cfg.sft_batch)
-                lo, hi = dp.bounds(len(probs), "sft_batch")
-                rngs = [random.Random(f"{cfg.seed}-demo-{i}-{j}") for j in range(lo, hi)]
-                batch = pack(demonstrations(task, tokenizer, probs[lo:hi], rngs), device)
-                loss = sft_step(model, optimizer, batch, cfg.grad_clip, dp)
+                lo, hi = dp.bounds(cfg.sft_batch, "sft_batch")
+                demos = [demo_trajectory(tokenizer, task.conversation(c)) for c in task.demos(i, cfg.sft_batch, lo, hi)]
+                loss = sft_step(model, optimizer, pack(demos, device), cfg.grad_clip, dp)
                 write({"sft_step": i, "sft_loss": loss})
                 bar.set_postfix(loss=f"{loss:.3f}")
         sync_weights()
@@ -456,6 +373,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         # Carried groups first; those sampled too long ago are dropped (their tokens would be too stale).
         fresh = [g for g in carry if (g.oldest_version() is None or version - g.oldest_version() <= cfg.max_staleness)]
         dropped = len(carry) - len(fresh)
+        kept = {id(g) for g in fresh}
+        for g in carry:
+            if id(g) not in kept:
+                g.close()
         active = fresh + [Group.new((next_group + k) * dp.world + dp.rank, task, tokenizer, cfg)
                           for k in range(quota + extra - len(fresh))]
         next_group += len(active) - len(fresh)
@@ -464,7 +385,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         failures: list[str] = []
         before = dict(engine.stats)
         with offloaded(optimizer, cfg.offload_optimizer):
-            done = rollout(engine, tokenizer, tools, trajs, cfg, greedy=False, version=version, groups=members,
+            done = rollout(engine, tokenizer, [ep.registry for g in active for ep in g.episodes], trajs, cfg,
+                           greedy=False, version=version, groups=members,
                            quota=min(quota, len(active)), failures=failures)
         for f in failures:
             log(f"step {step}: rollout engine failed and was reset ({f})")
@@ -474,7 +396,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         engine_steps, sampled, fed, preempted = (engine.stats[k] - before[k] for k in
                                                  ("steps", "generated_tokens", "forward_tokens", "preemptions"))
         trajs = [t for g in finished for t in g.trajs]
-        rewards = [task.reward(g.problem, t.final_answer) for g in finished for t in g.trajs]
+        scores = [score(task, [g.row] * len(g.trajs), g.episodes, g.trajs, step=step) for g in finished]
+        logged: dict[str, list] = {}
+        for sc in scores:
+            for k, v in sc.logged.items():
+                logged.setdefault(k, []).extend(x for x in v if isinstance(x, (int, float)))
+        for g in finished:
+            g.close()
+        rewards = [r for sc in scores for r in sc.totals]
+        names = task.reward_names()
+        per_func = [x for name in names for x in _sum_count(v for sc in scores for v in sc.by_func.get(name, []))]
+        per_func = dp.sum(per_func + [sum(sc.reward_errors for sc in scores), sum(sc.env_errors for sc in scores)],
+                          device)
+        reward_errors, env_errors = int(per_func[-2]), int(per_func[-1])
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.group_size,
                                scale=cfg.adv_scale).tolist() if rewards else []
         signal = signal_groups(rewards, cfg.group_size)
@@ -506,6 +440,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         record = {
             "step": step,
             "reward_mean": reward_sum / n,
+            # each reward function's mean over the episodes it scored (None: not scored)
+            **{f"reward_mean/{name}": (per_func[2 * k] / per_func[2 * k + 1] if per_func[2 * k + 1] else None)
+               for k, name in enumerate(names)},
+            "reward_errors": reward_errors,  # episodes a reward function failed on (they got 0)
+            "env_errors": env_errors,  # environment resets, get_reward calls and tools that failed
+            # what reward functions passed to log_metric (this process's episodes)
+            **{f"reward/{k}": sum(v) / len(v) for k, v in logged.items() if v},
             **stats,
             "lr": lr,
             "signal_groups": int(signal_all),  # groups with unequal rewards (what the step learns from)
@@ -546,3 +487,31 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     if metrics:
         metrics.close()
     return run_dir
+
+
+def run(config: TrainConfig | str | Path | dict | None = None, *, run_dir: str | Path = "runs/default",
+        resume: bool = False, environment_factory=None, reward_funcs=None, tools=None, log=print,
+        **overrides) -> Path:
+    """``ossrl train`` from Python, with your own objects instead of import paths::
+
+        ossrl.train.run({"dataset": "rows.jsonl", "steps": 20}, environment_factory=Wordle,
+                        reward_funcs=[exact], tools=[search], run_dir="runs/wordle")
+
+    config: a TrainConfig, a TOML file, a dict of config keys, or None (the defaults); keyword
+    ``overrides`` are config keys too. The objects given here take the place of the config's
+    ``environment_factory``, ``reward_funcs`` and ``tools``. Returns the run folder."""
+    from .config import _apply, load_config, validate
+
+    if isinstance(config, TrainConfig):
+        cfg = copy.deepcopy(config)
+    elif config is None or isinstance(config, (str, Path)):
+        cfg = load_config(config)
+    elif isinstance(config, dict):
+        cfg = TrainConfig()
+        _apply(cfg, config)
+    else:
+        raise TypeError(f"run: config must be a TrainConfig, a TOML path, a dict or None, got {type(config).__name__}")
+    _apply(cfg, overrides)
+    validate(cfg)
+    task = build_task(cfg, environment_factory=environment_factory, reward_funcs=reward_funcs, tools=tools)
+    return train(cfg, run_dir, resume=resume, log=log, task=task)
