@@ -406,6 +406,10 @@ def build_task(cfg, *, environment_factory: Any = None, reward_funcs: Sequence[A
                         f"{'dataset' if cfg.dataset else 'environment_factory'}: a dataset or an environment "
                         "replaces the built-in task")
     funcs = list(reward_funcs) if reward_funcs is not None else [resolve(p, "reward_funcs") for p in cfg.reward_funcs]
+    for t in (cfg.tools if tools is None else tools):
+        if isinstance(t, str) and t not in BUILTIN_TOOLS and ":" not in t:
+            raise TaskError(f"config key 'tools': unknown built-in tool {t!r} (built in: {', '.join(BUILTIN_TOOLS)}; "
+                            "or give an import path 'package.module:function')")
     tool_list = list(tools) if tools is not None else [t if t in BUILTIN_TOOLS else resolve(t, "tools")
                                                         for t in cfg.tools]
     if not user:
