@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import tempfile
 import time
 
@@ -28,12 +27,14 @@ import ossrl
 from ossrl.model import save_pretrained
 from ossrl.model.harmony import encode_conversation, parse_completion, tool_result
 from ossrl.rollout.engine import Engine
-from ossrl.rollout.tools import ToolCall, ToolRegistry
+from ossrl.rollout.tools import ToolCall
 from ossrl.train.config import load_config
-from ossrl.train.loop import build, demonstrations, episodes, pack, sft_step, train_step
+from ossrl.train.episodes import demo_trajectory, run_episodes
+from ossrl.train.loop import build, pack, sft_step, train_step
 from ossrl.train.loss import group_advantages, policy_loss
 from ossrl.train.parallel import DataParallel
-from ossrl.train.tasks import make_task
+from ossrl.train.task import build_task
+from ossrl.train.tasks import exact_answer
 from _peers import transformers_available  # noqa: E402  (benchmarks/, beside this script)
 
 
@@ -45,7 +46,7 @@ def sync(device):
 def hf_episodes(hf, tok, tools, task, problems, cfg, device):
     """Multi-turn episodes the common way: generate() per turn on the re-encoded conversation."""
     stops = list(tok.stop_token_ids)
-    hist = [encode_conversation(tok, task.prompt(p), add_generation_prompt=True) for p in problems]
+    hist = [encode_conversation(tok, task.messages(p), add_generation_prompt=True) for p in problems]
     masks = [[0] * len(h) for h in hist]
     answers = [None] * len(problems)
     active = list(range(len(problems)))
@@ -83,7 +84,8 @@ def hf_episodes(hf, tok, tools, task, problems, cfg, device):
             hist[i] += ctx
             masks[i] += [0] * len(ctx)
         active = nxt
-    return hist, masks, [task.reward(p, a) for p, a in zip(problems, answers)]
+    completions = [[{"role": "assistant", "content": a}] if a is not None else [] for a in answers]
+    return hist, masks, exact_answer(completions, [p["answer"] for p in problems])
 
 
 def hf_train_step(hf, opt, hist, masks, adv, cfg, device):
@@ -124,13 +126,13 @@ def main():
     with_hf = transformers_available('transformers', 'GptOssForCausalLM', "the common way's column")
     model, tok = build(cfg)
     device = next(model.parameters()).device
-    task = make_task(cfg.task)
-    tools = ToolRegistry(builtins=task.tools)
+    task = build_task(cfg)
+    tools = task.registry()
     dp = DataParallel()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
-    for i in range(a.warmup_steps):
-        probs = task.sample(random.Random(f"warm-{i}"), cfg.sft_batch)
-        sft_step(model, opt, pack(demonstrations(task, tok, probs), device), cfg.grad_clip, dp)
+    for i in range(1, a.warmup_steps + 1):
+        demos = [demo_trajectory(tok, task.conversation(c)) for c in task.demos(i, cfg.sft_batch, 0, cfg.sft_batch)]
+        sft_step(model, opt, pack(demos, device), cfg.grad_clip, dp)
     for g in opt.param_groups:
         g["lr"] = cfg.lr
 
@@ -146,14 +148,15 @@ def main():
             hf_rollout.set_experts_implementation("eager")
         hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.lr)
 
-    problems = task.sample(random.Random("bench"), cfg.prompts_per_step)
+    problems = [task.train_row(100_000 + i) for i in range(cfg.prompts_per_step)]
     group = [q for q in problems for _ in range(cfg.group_size)]
     engine = Engine(model, max_cache_tokens=cfg.kv_cache_tokens)
     torch.manual_seed(0)
 
     # the whole batch to the end (no over-provisioning): the same episodes as the common way runs
-    r_s, (trajs, rewards) = timed(lambda: episodes(engine, tok, tools, task, group, cfg, greedy=False,
-                                                   seeds=list(range(len(group)))), device)
+    r_s, (trajs, scores) = timed(lambda: run_episodes(engine, tok, task, group, cfg, greedy=False,
+                                                      seeds=list(range(len(group)))), device)
+    rewards = scores.totals
     adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.group_size).tolist()
     model.train()
     t_s, _ = timed(lambda: train_step(model, opt, trajs, adv, cfg, device, dp), device)

@@ -2,7 +2,7 @@
 
 One import per documented spelling (``from ossrl.rollout import Engine``, not the module that
 happens to define it): if a name moves or stops importing, this file fails. Only names that
-exist today are checked; ``ossrl.train.run`` and ``ossrl serve`` belong to later work.
+exist today are checked; ``ossrl serve`` belongs to later work.
 """
 
 import dataclasses
@@ -183,3 +183,21 @@ def test_cli_train_arguments_reach_the_loop(tmp_path, monkeypatch):
     assert main(["train", "--run-dir", str(tmp_path), "--resume", "steps=3"]) == 0
     assert seen["run_dir"] == str(tmp_path) and seen["resume"] is True
     assert seen["cfg"].steps == 3
+
+
+def test_bring_your_own_task_names():
+    """DESIGN's "Bringing your own task": the config keys, and ossrl.train.run taking the objects."""
+    import ossrl.train
+    import ossrl.train.loop
+    from ossrl.train.config import TrainConfig
+
+    keys = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(TrainConfig)}
+    for key, default in {"dataset": "", "eval_dataset": "", "reward_funcs": [], "reward_weights": [],
+                         "tools": [], "environment_factory": "", "sft_dataset": "", "success_threshold": 1.0}.items():
+        assert keys[key] == default, key
+    assert keys["task"] == ""  # "arithmetic" while no dataset or environment_factory is given
+    params = _params(ossrl.train.loop.run)
+    for name in ("config", "environment_factory", "reward_funcs", "tools"):
+        assert name in params, name
+    assert callable(ossrl.train.run)

@@ -432,8 +432,8 @@ def build_task(cfg, *, environment_factory: Any = None, reward_funcs: Sequence[A
             rows, eval_rows = hash_split(rows)
     elif cfg.eval_dataset:
         raise TaskError("config key 'eval_dataset' needs 'dataset' as well")
-    else:  # an environment that makes its own prompts: every episode gets an empty row
-        rows = eval_rows = [{}]
+    else:  # an environment that makes its own prompts (reset returns it): every row is empty
+        rows, eval_rows = [{}], None
     demos = None
     if cfg.sft_dataset:
         sft = load_rows(cfg.sft_dataset, need="messages", what="sft_dataset")
@@ -463,7 +463,7 @@ def build_task(cfg, *, environment_factory: Any = None, reward_funcs: Sequence[A
     return Task(
         name=name,
         train_row=lambda gid: dict(rows[epoch_order(len(rows), gid, seed, "train")]),
-        eval_rows=lambda n: [dict(r) for r in eval_rows[:n]],
+        eval_rows=(lambda n: [dict(r) for r in eval_rows[:n]]) if eval_rows is not None else (lambda n: [{} for _ in range(n)]),
         demos=demos, reward_funcs=funcs, reward_weights=weights, tools=tool_list, environment_factory=env,
         preamble=cfg.chat_preamble, success_threshold=cfg.success_threshold, tool_timeout=cfg.tool_timeout,
         specs=[_openai_spec(s) for s in specs + env_specs], env_tools=[s["name"] for s in env_specs])
