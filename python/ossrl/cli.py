@@ -1,4 +1,4 @@
-"""The ``ossrl`` command: ``info``, ``train`` and ``plot``."""
+"""The ``ossrl`` command: ``info``, ``train``, ``serve`` and ``plot``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     pl = sub.add_parser("plot", help="PNG curves of a run's metrics")
     pl.add_argument("run_dir")
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions)")
+    sv.add_argument("--model", default="tiny", help="tiny, a Hugging Face folder, or a run folder / checkpoint "
+                                                    "of ossrl train")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-cache-tokens", type=int, default=65536, help="KV cache capacity (all requests)")
+    sv.add_argument("--max-requests", type=int, default=512, help="requests in flight before 429")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
@@ -68,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         except ResumeError as e:
             parser.exit(2, f"ossrl train --resume: {e}\n")
         print(f"metrics: {run_dir / 'metrics.jsonl'}; plots: " + ", ".join(str(p) for p in plot(run_dir)))
+    elif args.command == "serve":
+        from .serve import serve
+
+        serve(args.model, args.host, args.port, max_cache_tokens=args.max_cache_tokens,
+              max_requests=args.max_requests)
     elif args.command == "plot":
         from .train.metrics import plot
 

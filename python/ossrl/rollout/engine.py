@@ -37,12 +37,14 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k filter
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
+    top_logprobs: int = 0  # also record the k most likely tokens (and log-probs) at each step
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1 \
+                or not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"SamplingParams: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, "
-                             f"max_new_tokens >= 1; got {self}")
+                             f"max_new_tokens >= 1, 0 <= top_logprobs <= 20; got {self}")
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Completion:
     logprobs: list[float]  # the model's log-softmax (temperature 1, unfiltered) at each generated id
     finish_reason: str  # "stop" | "length" | "rejected" (can never fit the cache) | "aborted"
     handle: int | None = None  # with keep=True: pass Resume(handle, tokens) to continue
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # with SamplingParams.top_logprobs
 
 
 @dataclass(frozen=True)
@@ -332,10 +335,12 @@ class Engine:
         finished = []
         if sample_seqs:
             logits = self.model.lm_head(hidden[sample_rows]).float()
-            tokens, logprobs = self._sample(logits, sample_seqs)
-            for seq, tok, lp in zip(sample_seqs, tokens, logprobs):
+            tokens, logprobs, tops = self._sample(logits, sample_seqs)
+            for seq, tok, lp, top in zip(sample_seqs, tokens, logprobs, tops):
                 seq.out.tokens.append(tok)
                 seq.out.logprobs.append(lp)
+                if top is not None:
+                    seq.out.top_logprobs = (seq.out.top_logprobs or []) + [top]
                 self.stats["generated_tokens"] += 1
                 if tok in seq.params.stop_token_ids:
                     seq.out.finish_reason = "stop"
@@ -350,8 +355,15 @@ class Engine:
             self._finish(seq)
         return rejected + finished
 
-    def _sample(self, logits: Tensor, seqs: list[_Seq]) -> tuple[list[int], list[float]]:
+    def _sample(self, logits: Tensor, seqs: list[_Seq]) -> tuple[list[int], list[float], list]:
         logp = torch.log_softmax(logits, dim=-1)
+        k = max(s.params.top_logprobs for s in seqs)
+        tops: list = [None] * len(seqs)
+        if k:
+            values, ids = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
+            values, ids = values.tolist(), ids.tolist()
+            tops = [list(zip(ids[i], values[i]))[: s.params.top_logprobs] if s.params.top_logprobs else None
+                    for i, s in enumerate(seqs)]
         chosen = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         shared = {}
         for i, s in enumerate(seqs):
@@ -362,7 +374,7 @@ class Engine:
         for p, idx in shared.items():  # one vectorised draw per distinct parameter set
             rows = torch.tensor(idx, device=logits.device)
             chosen[rows] = sample_tokens(logits[rows], p, self.generator)
-        return chosen.tolist(), logp.gather(1, chosen[:, None]).squeeze(1).tolist()
+        return chosen.tolist(), logp.gather(1, chosen[:, None]).squeeze(1).tolist(), tops
 
     # ---- the simple entry point ----
 
