@@ -354,6 +354,7 @@ def test_failures_stay_in_their_episode_and_are_counted(tmp_path):
     errors = [m["content"] for m in trajs[0].chat if m["role"] == "tool"]
     assert "ValueError: unlucky" in errors[0] and "time limit" in errors[1] and "could not be converted" in errors[2]
     assert sc.totals[1] == sc.totals[2] == 0.0 and sc.totals[3] == 5.0  # reward 1 (seen) + get_reward 4
+    assert sc.totals[0] == 0.0  # its tools failed: reward 0 although its answer matches its total
     assert sc.env_errors == 2 + 3  # two resets; three tool calls (a raise, a hang, an unprintable result)
     # a reward function that raises, or returns the wrong number of values: 0 for those episodes
     def raises(completions, **kw):

@@ -141,8 +141,14 @@ def score(task: Task, rows: list[dict], eps: list[Episode], trajs: list[Trajecto
     prompts = [_openai_prompt(r) for r in rows]
     sc = task.score(rows, eps, prompts, [trl_completion(t.chat) for t in trajs],
                     [[tok for tok, m in zip(t.tokens, t.loss_mask) if m] for t in trajs], step=step)
-    # the environment's own tools failing (not the model's bad arguments) count as its errors
-    sc.env_errors += sum(name in task.env_tools and err in _ENV_FAILURES for t in trajs for name, err in t.tool_log)
+    # The environment's own tools failing (raising, hanging, an unprintable result; not the
+    # model's malformed arguments, which never reach the tool) count as its errors, and the
+    # episode gets reward 0: an environment that raises to refuse a move scores it as a failure.
+    for i, t in enumerate(trajs):
+        failures = sum(name in task.env_tools and err in _ENV_FAILURES for name, err in t.tool_log)
+        if failures:
+            sc.env_errors += failures
+            sc.totals[i] = 0.0
     return sc
 
 

@@ -26,10 +26,12 @@ column as a list, ``trainer_state`` (``global_step``), ``log_metric(name, value)
 whose signature has no ``**kwargs`` gets only the arguments it names. It returns one float (or
 None: not scored) per completion; several are summed with ``reward_weights``.
 
-Failures stay inside their episode: a reset or get_reward that raises, hangs past
-``tool_timeout`` or returns something unusable, and a reward function that raises or returns the
-wrong number of values, give the episodes concerned reward 0 and are counted (``env_errors``,
-``reward_errors``). Tools that fail are error messages in the conversation, as always.
+Failures stay inside their episode: a reset, tool or get_reward of the environment that raises,
+hangs past ``tool_timeout`` or returns something unusable, and a reward function that raises or
+returns the wrong number of values, give the episodes concerned reward 0 and are counted
+(``env_errors``, ``reward_errors``). A failing tool is also an error message in the conversation
+(the model reads it and goes on); arguments that do not match the tool's schema are the model's
+error, not the environment's: they never reach the tool.
 
 ``--resume`` with an environment: the paused episodes in a checkpoint are rebuilt by a fresh
 ``reset(**row)`` and a replay of the tool calls they made, in order (results discarded). An
