@@ -72,10 +72,11 @@ def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
 
 def create_app(model, tokenizer, *, model_name: str = "ossrl", preamble: bool = True, max_cache_tokens: int = 65536,
                max_requests: int = 512, max_body_bytes: int = 8 << 20, any_model: bool = False, seed: int = 0,
-               runner: EngineRunner | None = None):
+               runner: EngineRunner | None = None, book=None):
     """The ASGI app for ``model`` (a GptOss) and its tokenizer. ``preamble``: render chats with
     the harmony system message and tool declarations (off for a model trained without them).
-    ``any_model``: accept any ``model`` name (the colocated trainer's clients)."""
+    ``any_model``: accept any ``model`` name (the colocated trainer's clients). ``book``: the
+    trainer's episode recorder (``/episodes/{eid}/v1/...`` routes; see ossrl.train.agents)."""
     Starlette, ClientDisconnect, JSONResponse, StreamingResponse, Route = _starlette()
     model.eval()
     if runner is None:
@@ -171,10 +172,25 @@ def create_app(model, tokenizer, *, model_name: str = "ossrl", preamble: bool = 
         done = sum(len(c.tokens) for c in choices)
         return {"prompt_tokens": len(gen.prompt), "completion_tokens": done, "total_tokens": len(gen.prompt) + done}
 
+    def episode(request):
+        eid = request.path_params.get("eid")
+        if eid is None:
+            return None
+        if book is None or not book.known(eid):
+            raise APIError(404, f"unknown episode {eid[:64]!r}", kind="not_found_error")
+        return eid
+
     async def chat(request):
         try:
-            gen = chat_request(await body_of(request), tokenizer, model_names=names, context=context,
+            eid = episode(request)
+            body = await body_of(request)
+            gen = chat_request(body, tokenizer, model_names=names, context=context,
                                preamble=preamble, any_model=any_model)
+            if eid is not None:  # the episode's exact tokens so far, when the messages extend them
+                gen.prompt = book.prompt(eid, body, gen)
+                if len(gen.prompt) + gen.max_tokens > context:
+                    raise APIError(400, f"This model's maximum context length is {context} tokens",
+                                   "messages", code="context_length_exceeded")
             reqs = submit(gen)
         except APIError as e:
             return error(e)
@@ -191,18 +207,20 @@ def create_app(model, tokenizer, *, model_name: str = "ossrl", preamble: bool = 
             except APIError as e:
                 return error(e)
             chs = [final[i] for i in range(gen.n)]
-            return JSONResponse({**head, "choices": [chat_choice(c, gen, i) for i, c in enumerate(chs)],
-                                 "usage": usage(gen, chs)})
-        return StreamingResponse(stream_chat(reqs, gen, {**head, "object": "chat.completion.chunk"}),
+            out = [chat_choice(c, gen, i) for i, c in enumerate(chs)]
+            if eid is not None:
+                book.record(eid, body, gen, [(c.tokens, c.logprobs, o["message"]) for c, o in zip(chs, out)], reqs)
+            return JSONResponse({**head, "choices": out, "usage": usage(gen, chs)})
+        return StreamingResponse(stream_chat(reqs, gen, {**head, "object": "chat.completion.chunk"}, eid, body),
                                  media_type="text/event-stream")
 
     def sse(obj) -> str:
         return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
 
-    async def stream_chat(reqs, gen: Generation, head: dict):
+    async def stream_chat(reqs, gen: Generation, head: dict, eid=None, body=None):
         sent = [{"content": 0, "reasoning": 0} for _ in reqs]
         holdback = max((len(s) for s in gen.stop), default=1) - 1
-        all_choices = []
+        all_choices, by_index = [], {}
         for i in range(gen.n):
             yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
@@ -211,6 +229,7 @@ def create_app(model, tokenizer, *, model_name: str = "ossrl", preamble: bool = 
             async for i, ch, finished in events(reqs, gen, True):
                 if ch not in all_choices:
                     all_choices.append(ch)
+                    by_index[i] = ch
                 msg, finish = chat_message(tokenizer, gen.prefix, ch.tokens, ch.finish or "length", ch.stopped)
                 text = msg.get("content") or ""
                 reasoning = msg.get("reasoning_content") or ""
@@ -240,6 +259,9 @@ def create_app(model, tokenizer, *, model_name: str = "ossrl", preamble: bool = 
                     yield sse({**head, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}]})
         except APIError as e:
             yield sse(e.body())
+        if eid is not None and len(all_choices) == gen.n:
+            chs = [by_index[i] for i in range(gen.n)]
+            book.record(eid, body, gen, [(c.tokens, c.logprobs, chat_choice(c, gen, 0)["message"]) for c in chs], reqs)
         if gen.include_usage:
             yield sse({**head, "choices": [], "usage": usage(gen, all_choices)})
         yield "data: [DONE]\n\n"
@@ -316,9 +338,13 @@ def create_app(model, tokenizer, *, model_name: str = "ossrl", preamble: bool = 
         yield
         runner.close()
 
-    app = Starlette(routes=[Route("/health", health), Route("/v1/models", models),
-                            Route("/v1/chat/completions", chat, methods=["POST"]),
-                            Route("/v1/completions", completions, methods=["POST"])],
+    routes = [Route("/health", health), Route("/v1/models", models),
+              Route("/v1/chat/completions", chat, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"])]
+    if book is not None:
+        routes += [Route("/episodes/{eid}/v1/models", models),
+                   Route("/episodes/{eid}/v1/chat/completions", chat, methods=["POST"])]
+    app = Starlette(routes=routes,
                     exception_handlers={404: not_found, 405: not_found, 500: server_error}, lifespan=lifespan)
     app.state.runner = runner
     return app

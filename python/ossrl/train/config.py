@@ -31,6 +31,8 @@ class TrainConfig:
     tools: list = field(default_factory=list)  # "calculator", "python" or import paths of functions
     environment_factory: str = ""  # import path of a class: one instance per episode
     success_threshold: float = 1.0  # eval_success_rate: the fraction of episodes whose reward reaches this
+    agent: str = ""  # import path of `async def fn(client, **row) -> float | None` (OpenAI API; ossrl.train.agents)
+    agent_timeout: float = 300.0  # seconds per agent episode
     chat_preamble: bool = True  # user tasks: the harmony system message and the tool declarations
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -221,7 +223,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio}")
     # Every float is finite already (_coerce); these must also be positive / non-negative. A
     # NaN or negative rate would otherwise train garbage into checkpoints that rotate good ones away.
-    floats = [(cfg, k, "> 0") for k in ("lr", "sft_lr", "grad_clip", "tool_timeout", "lora_alpha")]
+    floats = [(cfg, k, "> 0") for k in ("lr", "sft_lr", "grad_clip", "tool_timeout", "lora_alpha", "agent_timeout")]
     floats += [(cfg, k, ">= 0") for k in ("weight_decay", "temperature")]
     floats += [(cfg.loss, k, ">= 0") for k in ("clip_low", "clip_high", "kl_coef")]
     for obj, key, rule in floats:

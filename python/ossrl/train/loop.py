@@ -43,6 +43,7 @@ from .schedule import scheduled_lr, set_lr
 from .metrics import MetricsLog
 from .fsdp import padding_pass
 from .parallel import DataParallel, make_parallel
+from .agents import agent_rollout
 from .episodes import Group, demo_trajectory, rollout, run_episodes, score
 from .task import Task, build_task
 from .utilization import BusyMeter
@@ -237,6 +238,39 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
 # ---- the loop ----
 
 
+def _env_rollout(task, engine, tokenizer, cfg, carry, quota, extra, next_group, version, step, dp, optimizer, log):
+    """One rollout phase of environment episodes (built-in or a user's): carried groups first
+    (those sampled too long ago are dropped: their tokens would be too stale), new ones to fill
+    the quota plus extra_groups; the phase ends when quota groups are complete, the rest are
+    paused and carried. Returns what the step trains on and what it carries."""
+    fresh = [g for g in carry if (g.oldest_version() is None or version - g.oldest_version() <= cfg.max_staleness)]
+    dropped = len(carry) - len(fresh)
+    kept = {id(g) for g in fresh}
+    for g in carry:
+        if id(g) not in kept:
+            g.close()
+    active = fresh + [Group.new((next_group + k) * dp.world + dp.rank, task, tokenizer, cfg)
+                      for k in range(quota + extra - len(fresh))]
+    next_group += len(active) - len(fresh)
+    trajs = [t for g in active for t in g.trajs]
+    members = [list(range(k * cfg.group_size, (k + 1) * cfg.group_size)) for k in range(len(active))]
+    failures: list[str] = []
+    with offloaded(optimizer, cfg.offload_optimizer):
+        done = rollout(engine, tokenizer, [ep.registry for g in active for ep in g.episodes], trajs, cfg,
+                       greedy=False, version=version, groups=members, quota=min(quota, len(active)),
+                       failures=failures)
+    for f in failures:
+        log(f"step {step}: rollout engine failed and was reset ({f})")
+    finished = [active[k] for k in done]
+    carry = [g for k, g in enumerate(active) if k not in set(done)]
+    trajs = [t for g in finished for t in g.trajs]
+    scores = [score(task, [g.row] * len(g.trajs), g.episodes, g.trajs, step=step) for g in finished]
+    for g in finished:
+        g.close()
+    rewards = [r for sc in scores for r in sc.totals]
+    return trajs, list(range(len(trajs))), rewards, scores, {}, finished, dropped, failures, carry, next_group
+
+
 def _sum_count(values) -> tuple[float, int]:
     got = [v for v in values if v is not None]
     return sum(got), len(got)
@@ -370,51 +404,36 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         set_lr(optimizer, lr)
         t0 = time.perf_counter()
         busy.start()
-        # Carried groups first; those sampled too long ago are dropped (their tokens would be too stale).
-        fresh = [g for g in carry if (g.oldest_version() is None or version - g.oldest_version() <= cfg.max_staleness)]
-        dropped = len(carry) - len(fresh)
-        kept = {id(g) for g in fresh}
-        for g in carry:
-            if id(g) not in kept:
-                g.close()
-        active = fresh + [Group.new((next_group + k) * dp.world + dp.rank, task, tokenizer, cfg)
-                          for k in range(quota + extra - len(fresh))]
-        next_group += len(active) - len(fresh)
-        trajs = [t for g in active for t in g.trajs]
-        members = [list(range(k * cfg.group_size, (k + 1) * cfg.group_size)) for k in range(len(active))]
-        failures: list[str] = []
         before = dict(engine.stats)
-        with offloaded(optimizer, cfg.offload_optimizer):
-            done = rollout(engine, tokenizer, [ep.registry for g in active for ep in g.episodes], trajs, cfg,
-                           greedy=False, version=version, groups=members,
-                           quota=min(quota, len(active)), failures=failures)
-        for f in failures:
-            log(f"step {step}: rollout engine failed and was reset ({f})")
-        finished = [active[k] for k in done]
-        carry = [g for k, g in enumerate(active) if k not in set(done)]
+        if task.agent is not None:  # external agents against the engine (ossrl.train.agents): never paused
+            rows = [task.train_row((next_group + k) * dp.world + dp.rank) for k in range(quota)]
+            next_group += quota
+            trajs, owners, rewards, scores, agent_stats = agent_rollout(task, engine, tokenizer, rows, cfg, version, step)
+            finished, carry, failures, dropped = [], [], [], 0
+        else:
+            trajs, owners, rewards, scores, agent_stats, finished, dropped, failures, carry, next_group = _env_rollout(
+                task, engine, tokenizer, cfg, carry, quota, extra, next_group, version, step, dp, optimizer, log)
         t1 = time.perf_counter()
         engine_steps, sampled, fed, preempted = (engine.stats[k] - before[k] for k in
                                                  ("steps", "generated_tokens", "forward_tokens", "preemptions"))
-        trajs = [t for g in finished for t in g.trajs]
-        scores = [score(task, [g.row] * len(g.trajs), g.episodes, g.trajs, step=step) for g in finished]
         logged: dict[str, list] = {}
         for sc in scores:
             for k, v in sc.logged.items():
                 logged.setdefault(k, []).extend(x for x in v if isinstance(x, (int, float)))
-        for g in finished:
-            g.close()
-        rewards = [r for sc in scores for r in sc.totals]
         names = task.reward_names()
         per_func = [x for name in names for x in _sum_count(v for sc in scores for v in sc.by_func.get(name, []))]
         per_func = dp.sum(per_func + [sum(sc.reward_errors for sc in scores), sum(sc.env_errors for sc in scores)],
                           device)
         reward_errors, env_errors = int(per_func[-2]), int(per_func[-1])
-        adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.group_size,
-                               scale=cfg.adv_scale).tolist() if rewards else []
+        # advantages per episode, shared by the training sequences an episode made
+        ep_adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), cfg.group_size,
+                                  scale=cfg.adv_scale).tolist() if rewards else []
+        adv = [ep_adv[o] for o in owners]
         signal = signal_groups(rewards, cfg.group_size)
         (signal_all,) = dp.sum([len(signal)], device)
         if cfg.filter_groups:
-            keep = [k * cfg.group_size + j for k in signal for j in range(cfg.group_size)]
+            chosen = set(signal)
+            keep = [i for i, o in enumerate(owners) if o // cfg.group_size in chosen]
             train_trajs, train_adv = [trajs[i] for i in keep], [adv[i] for i in keep]
         else:
             train_trajs, train_adv = trajs, adv
@@ -429,7 +448,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         synced = sync_weights()
         t3 = time.perf_counter()
         stale = [version - v for t in trajs for v, m in zip(t.versions[1:], t.loss_mask[1:]) if m and v != CONTEXT]
-        totals = dp.sum([len(trajs), sum(rewards), sum(sum(t.loss_mask) for t in trajs),
+        totals = dp.sum([len(rewards), sum(rewards), sum(sum(t.loss_mask) for t in trajs),
                          sum(len(t.tokens) for t in trajs), sum(t.turns for t in trajs),
                          sum(t.tool_calls for t in trajs), sum(t.tool_errors for t in trajs),
                          sum(t.final_answer is not None for t in trajs), len(failures), sum(stale), len(stale),
@@ -477,6 +496,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
             "engine_restarts": int(restarts),
             "processes": dp.world,
         }
+        if task.agent is not None:  # this process's agents: requests, cache reuse, failures
+            record.update(agent_stats)
         write(record)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             eval_rate = evaluate(step)
@@ -490,7 +511,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
 
 
 def run(config: TrainConfig | str | Path | dict | None = None, *, run_dir: str | Path = "runs/default",
-        resume: bool = False, environment_factory=None, reward_funcs=None, tools=None, log=print,
+        resume: bool = False, environment_factory=None, reward_funcs=None, tools=None, agent=None, log=print,
         **overrides) -> Path:
     """``ossrl train`` from Python, with your own objects instead of import paths::
 
@@ -499,7 +520,7 @@ def run(config: TrainConfig | str | Path | dict | None = None, *, run_dir: str |
 
     config: a TrainConfig, a TOML file, a dict of config keys, or None (the defaults); keyword
     ``overrides`` are config keys too. The objects given here take the place of the config's
-    ``environment_factory``, ``reward_funcs`` and ``tools``. Returns the run folder."""
+    ``environment_factory``, ``reward_funcs``, ``tools`` and ``agent``. Returns the run folder."""
     from .config import _apply, load_config, validate
 
     if isinstance(config, TrainConfig):
@@ -513,5 +534,5 @@ def run(config: TrainConfig | str | Path | dict | None = None, *, run_dir: str |
         raise TypeError(f"run: config must be a TrainConfig, a TOML path, a dict or None, got {type(config).__name__}")
     _apply(cfg, overrides)
     validate(cfg)
-    task = build_task(cfg, environment_factory=environment_factory, reward_funcs=reward_funcs, tools=tools)
+    task = build_task(cfg, environment_factory=environment_factory, reward_funcs=reward_funcs, tools=tools, agent=agent)
     return train(cfg, run_dir, resume=resume, log=log, task=task)

@@ -200,6 +200,7 @@ class Task:
     tool_timeout: float = 5.0
     specs: list[dict] = field(default_factory=list)  # every tool's schema, for the prompt
     env_tools: list[str] = field(default_factory=list)
+    agent: Any = None  # async def fn(client, **row): episodes through the OpenAI API (ossrl.train.agents)
 
     def __post_init__(self):
         self._shared: ToolRegistry | None = None
@@ -395,13 +396,26 @@ def _call_reward(fn: Callable, kwargs: dict, n: int) -> list[float | None] | Non
 
 
 def build_task(cfg, *, environment_factory: Any = None, reward_funcs: Sequence[Any] | None = None,
-               tools: Sequence[Any] | None = None) -> Task:
+               tools: Sequence[Any] | None = None, agent: Any = None) -> Task:
     """The task the config (and the objects passed from Python, which take precedence over the
     config's import paths) describes. Everything is checked here, before any model is built."""
     from .tasks import builtin_task
 
     env = environment_factory if environment_factory is not None else (
         resolve(cfg.environment_factory, "environment_factory") if cfg.environment_factory else None)
+    agent = agent if agent is not None else (resolve(cfg.agent, "agent") if cfg.agent else None)
+    if agent is not None:
+        if env is not None:
+            raise TaskError("config keys 'agent' and 'environment_factory' exclude each other: an agent brings its own loop")
+        if not inspect.iscoroutinefunction(agent):
+            raise TaskError(f"config key 'agent': {getattr(agent, '__name__', agent)!r} must be an async function "
+                            "`async def fn(client, **row) -> float | None`")
+        if not cfg.dataset:
+            raise TaskError("config key 'agent' needs a 'dataset' (one episode per row)")
+        try:
+            import openai  # noqa: F401
+        except ImportError:
+            raise TaskError("config key 'agent': agents get an openai.AsyncOpenAI client: pip install openai") from None
     user = bool(cfg.dataset) or env is not None
     if user and cfg.task:
         raise TaskError(f"config key 'task' ({cfg.task!r}) cannot be combined with "
@@ -419,7 +433,7 @@ def build_task(cfg, *, environment_factory: Any = None, reward_funcs: Sequence[A
     for f in funcs:
         if not callable(f):
             raise TaskError(f"config key 'reward_funcs': {f!r} is not callable")
-    if not funcs and (env is None or not hasattr(env, "get_reward")):
+    if not funcs and agent is None and (env is None or not hasattr(env, "get_reward")):
         raise TaskError("nothing gives a reward: set reward_funcs, or give the environment a get_reward() method")
     weights = list(cfg.reward_weights) or [1.0] * len(funcs)
     if len(weights) != len(funcs):
@@ -468,7 +482,7 @@ def build_task(cfg, *, environment_factory: Any = None, reward_funcs: Sequence[A
         eval_rows=(lambda n: [dict(r) for r in eval_rows[:n]]) if eval_rows is not None else (lambda n: [{} for _ in range(n)]),
         demos=demos, reward_funcs=funcs, reward_weights=weights, tools=tool_list, environment_factory=env,
         preamble=cfg.chat_preamble, success_threshold=cfg.success_threshold, tool_timeout=cfg.tool_timeout,
-        specs=[_openai_spec(s) for s in specs + env_specs], env_tools=[s["name"] for s in env_specs])
+        specs=[_openai_spec(s) for s in specs + env_specs], env_tools=[s["name"] for s in env_specs], agent=agent)
 
 
 def _openai_spec(s: dict) -> dict:

@@ -1,4 +1,4 @@
-"""A Hugging Face tokenizer for ossrl's tiny GPT-OSS model, for TRL's tool-using GRPO (proof of concept).
+"""A Hugging Face tokenizer for ossrl's tiny GPT-OSS model, for TRL's tool-using GRPO (bench_vs_trl.py).
 
 * Same ids as ``ossrl.model.ByteTokenizer``: bytes 0-255, the nine harmony special tokens at
   256-264, ``<|reserved_265|>`` ... ``<|reserved_271|>``.
