@@ -77,8 +77,9 @@ def test_agent_training_uses_exactly_the_sampled_tokens(tmp_path, monkeypatch):
         assert r["agent_requests"] == 2 * 4 and r["agent_errors"] == 0
         assert r["agent_sequences"] == 4  # each episode's second request extends its first: one sequence
         assert r["agent_prefix_reuse"] > 0.3  # ... and resumed the kept cache
-    assert len(seen_eps) == len(trained) == 2
-    for eps, batch in zip(seen_eps, trained):
+    rollouts = [eps for eps in seen_eps if len(eps) == 4]  # the others are evaluations (eval_prompts = 2)
+    assert len(rollouts) == len(trained) == 2 and len(seen_eps) == 4
+    for eps, batch in zip(rollouts, trained):
         assert len(batch) == len(eps)
         for ep, (tokens, mask, lps) in zip(eps, batch):
             (r1, r2) = ep.requests
@@ -115,3 +116,24 @@ def test_agent_config_errors(tmp_path):
         build_task(load_config(None, [f"dataset={_rows(tmp_path)}"]), agent=sync_agent)
     with pytest.raises(TaskError, match="needs a 'dataset'"):
         build_task(load_config(None), agent=talker)
+
+
+async def silent(client, prompt, **row):
+    """Returns None: the task's reward functions score the episode from its messages."""
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}], max_tokens=4)
+    return None
+
+
+def test_an_agent_returning_none_is_scored_by_the_reward_functions(tmp_path):
+    got = []
+
+    def length_reward(completions, answer, **kw):
+        got.append((completions, answer))
+        return [float(len(c[-1]["content"] or "") % 2) if c else 0.0 for c in completions]
+    run_dir = tmp_path / "run"
+    run(dict(COMMON, dataset=_rows(tmp_path), steps=1), run_dir=run_dir, agent=silent, reward_funcs=[length_reward],
+        log=lambda *a: None)
+    (step,) = [r for r in _records(run_dir) if "reward_mean" in r]
+    assert "reward_mean/length_reward" in step and step["reward_errors"] == 0
+    completions, answers = got[-1]
+    assert all(c and c[-1]["role"] == "assistant" for c in completions) and len(answers) == len(completions)

@@ -2,7 +2,7 @@
 
 One import per documented spelling (``from ossrl.rollout import Engine``, not the module that
 happens to define it): if a name moves or stops importing, this file fails. Only names that
-exist today are checked; ``ossrl serve`` belongs to later work.
+exist today are checked.
 """
 
 import dataclasses
@@ -135,7 +135,7 @@ def test_engine_generate_returns_completions():
 # ---- the `ossrl` command ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["info", "train"])
+@pytest.mark.parametrize("command", ["info", "train", "serve"])
 def test_cli_subcommand_exists(command, capsys):
     from ossrl.cli import main
 
@@ -146,6 +146,9 @@ def test_cli_subcommand_exists(command, capsys):
     assert f"ossrl {command}" in out
     if command == "train":
         for flag in ("--config", "--run-dir", "--resume", "key=value"):
+            assert flag in out, flag
+    if command == "serve":  # DESIGN: ossrl serve [--model tiny|CHECKPOINT_FOLDER] [--host 127.0.0.1] [--port 8000]
+        for flag in ("--model", "--host", "--port"):
             assert flag in out, flag
 
 
@@ -201,3 +204,19 @@ def test_bring_your_own_task_names():
     for name in ("config", "environment_factory", "reward_funcs", "tools"):
         assert name in params, name
     assert callable(ossrl.train.run)
+
+
+def test_serving_and_agent_names():
+    """DESIGN's "Serving and external agents": the routes, and the agent config key."""
+    import dataclasses as dc
+
+    from ossrl.model import ByteTokenizer, GptOss, GptOssConfig
+    from ossrl.serve import create_app
+    from ossrl.train.config import TrainConfig
+
+    pytest.importorskip("starlette")
+    app = create_app(GptOss(GptOssConfig.tiny()), ByteTokenizer(), model_name="tiny", preamble=False)
+    paths = {r.path for r in app.routes}
+    assert {"/health", "/v1/models", "/v1/chat/completions", "/v1/completions"} <= paths
+    app.state.runner.close()
+    assert {f.name: f.default for f in dc.fields(TrainConfig)}["agent"] == ""

@@ -274,3 +274,31 @@ def test_a_client_that_disconnects_mid_stream_frees_its_sequence(server):
     while runner.pending and time.monotonic() - t0 < 20:
         time.sleep(0.05)
     assert runner.pending == 0 and not runner.engine.has_unfinished()
+
+
+def test_ossrl_serve_shuts_down_on_sigterm(tmp_path):
+    """The command itself: serves, then exits cleanly on SIGTERM (what a process manager sends)."""
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ossrl", "serve", "--port", str(port), "--max-cache-tokens", "4096"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() - t0 < 60, proc.stdout.read() if proc.poll() else "slow"
+            time.sleep(0.1)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert c.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

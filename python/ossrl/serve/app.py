@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -393,6 +394,11 @@ def serve(model: str = "tiny", host: str = "127.0.0.1", port: int = 8000, **kwar
         import uvicorn
     except ImportError:
         raise SystemExit("ossrl serve needs starlette and uvicorn: pip install 'ossrl[serve]'") from None
+    import signal
+
     m, tok, name, preamble = load_for_serving(model)
     app = create_app(m, tok, model_name=name, preamble=preamble, **kwargs)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler that
+    # was there before: make that a clean exit, not death by signal
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)

@@ -107,8 +107,8 @@ class EpisodeBook:
         if (ep.last_tokens is not None and len(msgs) > k and _same(msgs[:k], ep.last_messages)
                 and isinstance(msgs[k], dict) and _answer_matches(msgs[k], ep.last_answer or {})):
             tail = msgs[k + 1:]
-            if not tail:
-                return gen.prompt
+            if not tail or any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in tail):
+                return gen.prompt  # nothing new, or instructions that render before the conversation
             # the answer as it was sampled, then the new messages rendered after it
             names = [dict(msgs[k], content=None)]  # lets tool messages find their call's name
             head = from_openai(names, preamble=False)
@@ -208,14 +208,23 @@ def run_agent_episodes(fn, engine, tokenizer, rows: list[dict], *, preamble: boo
     return [srv.book.episodes[e] for e in eids], stats
 
 
+def agent_eval(task, engine, tokenizer, rows: list[dict], cfg, step: int) -> list[float]:
+    """One agent episode per held-out row: the rewards."""
+    return _agent_phase(task, engine, tokenizer, rows, cfg, 0, step)[2]
+
+
 def agent_rollout(task, engine, tokenizer, group_rows: list[dict], cfg, version: int, step: int):
     """One rollout phase of agent episodes, ``group_size`` per row: (training sequences, the
     episode each belongs to, one reward per episode, the reward functions' scores, stats)."""
+    return _agent_phase(task, engine, tokenizer, [r for r in group_rows for _ in range(cfg.group_size)], cfg,
+                        version, step)
+
+
+def _agent_phase(task, engine, tokenizer, rows: list[dict], cfg, version: int, step: int):
     import math
 
     from .task import Episode, Scores
 
-    rows = [r for r in group_rows for _ in range(cfg.group_size)]
     was = engine.model.training
     engine.model.eval()
     engine.allocate_cache()

@@ -43,7 +43,7 @@ from .schedule import scheduled_lr, set_lr
 from .metrics import MetricsLog
 from .fsdp import padding_pass
 from .parallel import DataParallel, make_parallel
-from .agents import agent_rollout
+from .agents import agent_eval, agent_rollout
 from .episodes import Group, demo_trajectory, rollout, run_episodes, score
 from .task import Task, build_task
 from .utilization import BusyMeter
@@ -357,6 +357,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         lo, hi = dp.bounds(len(rows), "eval_prompts")
         seeds = [cfg.seed * 7919 + i for i in range(lo, hi)]
         sums, failures = [], []
+        if task.agent is not None:  # the agent itself, once per row (it chooses how to sample)
+            rewards = agent_eval(task, engine, tokenizer, rows[lo:hi], cfg, step)
+            ok, total = dp.sum([sum(r >= cfg.success_threshold for r in rewards), sum(rewards)], device)
+            write({"step": step, "eval_success_rate": ok / len(rows), "eval_greedy_success_rate": None,
+                   "eval_reward_mean": total / len(rows), "engine_restarts": 0})
+            return ok / len(rows)
         for greedy in (False, True):
             _, sc = run_episodes(engine, tokenizer, task, rows[lo:hi], cfg, greedy=greedy, seeds=seeds,
                                  failures=failures)
