@@ -137,3 +137,70 @@ def test_an_agent_returning_none_is_scored_by_the_reward_functions(tmp_path):
     assert "reward_mean/length_reward" in step and step["reward_errors"] == 0
     completions, answers = got[-1]
     assert all(c and c[-1]["role"] == "assistant" for c in completions) and len(answers) == len(completions)
+
+
+def test_agent_training_resumes_from_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = dict(COMMON, dataset=_rows(tmp_path), checkpoint_every=1)
+    run(dict(cfg, steps=1), run_dir=run_dir, agent=talker, log=lambda *a: None)
+    run(dict(cfg, steps=2), run_dir=run_dir, agent=talker, resume=True, log=lambda *a: None)
+    steps = [r["step"] for r in _records(run_dir) if "reward_mean" in r]
+    assert steps == [1, 2] and (run_dir / "checkpoints" / "step_00000002").is_dir()
+
+
+_AGENT_MODULE = '''
+async def talker(client, prompt, answer, **row):
+    r = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}], max_tokens=4)
+    return float(len(r.choices[0].message.content or "") % 2)
+'''
+
+
+def _rank(rank, world, port, cwd, args, results):
+    import os
+
+    import torch
+
+    from ossrl.cli import main
+
+    os.chdir(cwd)  # the agent's module lives here
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        main(["train", *args])
+        results.put((rank, "ok"))
+    except BaseException as e:  # reported to the test
+        results.put((rank, repr(e)))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_agents_under_two_processes(tmp_path):
+    """torchrun-style: each rank runs its own agents against its own engine and server."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    (tmp_path / "myagent.py").write_text(_AGENT_MODULE)
+    args = ["--run-dir", str(tmp_path / "run"), f"dataset={_rows(tmp_path)}", "agent=myagent:talker", "steps=2",
+            "sft_steps=0", "prompts_per_step=2", "group_size=2", "eval_prompts=2", "eval_every=100",
+            "checkpoint_every=100", "max_new_tokens=4", "filter_groups=false", "chat_preamble=false"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tmp_path), args, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        outcome = dict(results.get(timeout=300) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert outcome == {0: "ok", 1: "ok"}
+    steps = [r for r in _records(tmp_path / "run") if "reward_mean" in r]
+    assert [r["processes"] for r in steps] == [2, 2] and all(r["episodes"] == 4 for r in steps)
