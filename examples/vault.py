@@ -6,9 +6,9 @@ environment's ``open_box`` tool), add the numbers (the built-in ``calculator``),
 
     python examples/vault.py data/               # rows.jsonl, eval.jsonl, demos.jsonl
     cd examples && ossrl train --run-dir ../runs/vault dataset=../data/rows.jsonl \\
-        eval_dataset=../data/eval.jsonl sft_dataset=../data/demos.jsonl \\
-        environment_factory=vault:Vault '"reward_funcs=[\\"vault:exact\\"]"' \\
-        '"tools=[\\"calculator\\"]"' max_turns=4 chat_preamble=false
+        eval_dataset=../data/eval.jsonl sft_dataset=../data/demos.jsonl environment_factory=vault:Vault \\
+        'reward_funcs=["vault:exact"]' 'tools=["calculator"]' max_turns=4 chat_preamble=false \\
+        sft_steps=1000 steps=40 eval_every=5 eval_prompts=100
 
 The same from Python: ``ossrl.train.run({...}, environment_factory=Vault, reward_funcs=[exact],
 tools=["calculator"])``. Nothing here imports ossrl: the classes follow TRL's conventions, so
