@@ -62,6 +62,7 @@ def transformers_app(hf, tokenizer, model_name: str):
 
     class Tok:  # the minimal tokenizer interface TextIteratorStreamer needs
         def decode(self, ids, **kw):
+            ids = [ids] if isinstance(ids, int) else ids
             return tokenizer.decode([int(i) for i in ids])
 
     async def completions(request):

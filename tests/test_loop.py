@@ -1,6 +1,7 @@
 """`ossrl train` end to end on the tiny default, kill-and-resume, configs and packing."""
 
 import json
+import math
 import os
 import socket
 
@@ -41,6 +42,9 @@ def test_default_run_writes_metrics_checkpoints_and_plots(full_run):
         assert r["rollout_s"] > 0 and r["train_s"] > 0
         # 4 + 4 extra groups of 4 decode at once at most; every forward pass feeds a token at least
         assert 1 <= r["engine_batch_mean"] <= 32 and r["engine_forward_tokens"] >= r["engine_steps"] > 0
+        assert r["mismatch_kl"] >= 0 and math.isfinite(r["mismatch_kl"]) and r["logprob_gap_max"] >= 0
+        if r["staleness_max"] == 0:  # the engine shares the trainer's modules and weights: rounding only
+            assert r["mismatch_kl"] < 1e-3 and r["logprob_gap_max"] < 0.05, r
     sft = [r["sft_loss"] for r in records if "sft_loss" in r]
     assert len(sft) == 25 and sft[-1] < sft[0]  # the warm-up learns the format
     # the two newest checkpoints, and the KL reference (the post-warm-up policy: kl_coef > 0 by default)

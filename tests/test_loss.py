@@ -92,3 +92,22 @@ def test_signal_groups_keeps_groups_with_unequal_rewards():
     assert [g for g in range(5) if adv[g].abs().max() > 0] == [0, 4]
     with pytest.raises(ValueError, match="whole groups"):
         signal_groups([1, 0, 1], 2)
+
+
+def test_mismatch_metrics_equal_a_direct_float64_computation():
+    """mismatch_kl: the k3 estimate of KL(rollout || trainer) over the sampled tokens (samples
+    come from the rollout, r = p_trainer / p_rollout); logprob_gap_max: the largest |gap|."""
+    g = torch.Generator().manual_seed(3)
+    old = -torch.rand(40, generator=g, dtype=torch.float64) * 3
+    rollout = old + torch.randn(40, generator=g, dtype=torch.float64) * 0.2
+    mask = (torch.rand(40, generator=g) < 0.7).double()
+    mask[5] = 0
+    rollout[5] = old[5] + 9.0  # a huge gap on a token that is not sampled: ignored
+    _, st = policy_loss(old.clone().requires_grad_(), old, rollout, torch.ones(40, dtype=torch.float64), mask)
+    sel = mask.bool()
+    r = torch.exp(old[sel] - rollout[sel])
+    want = float((r - 1 - torch.log(r)).mean())
+    assert st["mismatch_kl"] == pytest.approx(want, rel=1e-12) and st["mismatch_kl"] >= 0
+    assert st["logprob_gap_max"] == pytest.approx(float((old[sel] - rollout[sel]).abs().max()), rel=1e-12)
+    _, same = policy_loss(old.clone().requires_grad_(), old, old, torch.ones(40, dtype=torch.float64), mask)
+    assert same["mismatch_kl"] == 0.0 and same["logprob_gap_max"] == 0.0  # no mismatch at all

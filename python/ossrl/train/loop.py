@@ -200,7 +200,7 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
     total = total or 1
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
-    loss_value = 0.0
+    loss_value, gap_max = 0.0, 0.0
     batches = micro_batches(trajs, cfg.micro_batch_tokens)
     for k in dp.passes(model, len(batches)):
         if k is None:  # FSDP: as many passes as the busiest rank, these add zeros
@@ -219,8 +219,9 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
         share = st["loss_tokens"] / total
         (loss * share).backward()
         loss_value += loss.item() * share
-        for k in ("tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl"):
+        for k in ("tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl", "mismatch_kl"):
             sums[k] = sums.get(k, 0.0) + st[k] * share
+        gap_max = max(gap_max, st["logprob_gap_max"])
     dp.reduce_grads(model)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
@@ -229,10 +230,10 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
         optimizer.step()
     else:  # one bad batch (an overflow, a NaN log-prob) must not poison the weights: skip the update
         optimizer.zero_grad(set_to_none=True)
-    keys = ["tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl"]
+    keys = ["tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl", "mismatch_kl"]
     values = dp.sum([loss_value] + [sums.get(k, 0.0) for k in keys], device)
     return {"loss": values[0], "grad_norm": float(grad_norm) if finite else None, "nonfinite_grad": not finite,
-            **dict(zip(keys, values[1:]))}
+            **dict(zip(keys, values[1:])), "logprob_gap_max": dp.max(gap_max, device)}
 
 
 # ---- the loop ----
@@ -447,7 +448,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         if signal_all or not cfg.filter_groups:
             stats = train_step(model, optimizer, train_trajs, train_adv, cfg, device, dp, ref_model)
         else:  # nothing to learn from anywhere: no step (Adam's momentum would still move the weights)
-            stats = dict.fromkeys(("loss", "grad_norm", "tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl"))
+            stats = dict.fromkeys(("loss", "grad_norm", "tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl",
+                                   "mismatch_kl", "logprob_gap_max"))
             stats["nonfinite_grad"] = False
         t2 = time.perf_counter()
         # Weight sync into the engine's layout, in place (nothing to move when it shares storage).

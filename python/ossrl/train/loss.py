@@ -68,7 +68,9 @@ def policy_loss(
     log-probs before the first update), logp_rollout (what the sampler reported), advantages
     (the trajectory's advantage on each of its tokens), mask (1 where the policy generated the
     token; prompt and tool-result tokens are 0). Returns the loss (mean over loss tokens) and
-    detached statistics: tis_weight_mean, tis_truncated_frac, clip_frac, kl, loss_tokens.
+    detached statistics: tis_weight_mean, tis_truncated_frac, clip_frac, kl, mismatch_kl (k3 estimate
+    of KL(rollout || trainer) over the sampled tokens, from logp_old), logprob_gap_max (the largest
+    |logp_old - logp_rollout| of a sampled token), loss_tokens.
     """
     shapes = {t.shape for t in (logp_new, logp_old, logp_rollout, advantages, mask)}
     if len(shapes) != 1:
@@ -89,6 +91,11 @@ def policy_loss(
         else:
             w, truncated = torch.ones_like(pg), torch.zeros(())
         clip_frac = ((unclipped != clipped).to(m.dtype) * m).sum() / n
+        # rollout/training mismatch of the sampled tokens, before the update: k3 estimate of
+        # KL(rollout || trainer) (samples come from the rollout; r = p_trainer / p_rollout)
+        gap = (old - logp_rollout.detach()) * m
+        mismatch = ((torch.exp(gap) - 1 - gap) * m).sum() / n
+        gap_max = gap.abs().max() if gap.numel() else torch.zeros(())
 
     per_token = w * pg
     kl_mean = torch.zeros((), dtype=logp_new.dtype, device=logp_new.device)
@@ -103,6 +110,8 @@ def policy_loss(
         "tis_truncated_frac": float(truncated),
         "clip_frac": float(clip_frac),
         "kl": float(kl_mean),
+        "mismatch_kl": float(mismatch),
+        "logprob_gap_max": float(gap_max),
         "loss_tokens": float(m.sum()),
     }
     return loss, stats
