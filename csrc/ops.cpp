@@ -11,6 +11,9 @@ TORCH_LIBRARY(ossrl, m) {
   m.def("grouped_gemm_dw(Tensor x, Tensor dy, Tensor offsets, bool bias_grad) -> (Tensor, Tensor)");
   // Top-k routing: (weights fp32 (T,k), experts int32 (T,k), order int32 (T*k,), offsets (E,)).
   m.def("moe_route(Tensor router_logits, int top_k) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Routing to given experts (T,k) int32 (routing replay): weights are the softmax of the logits
+  // at those experts, in slot order; the same four outputs as moe_route.
+  m.def("moe_route_given(Tensor router_logits, Tensor experts) -> (Tensor, Tensor, Tensor, Tensor)");
   // The GPT-OSS expert block. Returns (out (T,H), h (T*k, 2I)): h is the gate/up projection in
   // routed (sorted) row order, kept for the backward.
   m.def(

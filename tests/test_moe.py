@@ -520,3 +520,68 @@ def test_info_lists_ops(capsys):
     assert f"ossrl {ossrl.__version__}" in text
     for op in ("grouped_gemm", "moe_route", "moe_experts"):
         assert f"  {op}" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# moe_route_given (routing replay)
+
+
+def _given(T, E, k, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32).to(device) \
+        if T else torch.zeros(0, k, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,E,k", [(37, 8, 2), (64, 32, 4), (5, 3, 3), (0, 4, 2), (9, 1, 1)])
+def test_moe_route_given_matches_a_float64_reference(device, T, E, k):
+    from ossrl.ops import moe_route_given
+
+    logits = torch.randn(T, E, device=device)
+    experts = _given(T, E, k, device)
+    r = moe_route_given(logits, experts)
+    ref = torch.softmax(logits.double().gather(1, experts.long()), dim=-1)  # softmax at the given experts
+    assert r.weights.dtype == torch.float32 and r.experts.dtype == r.order.dtype == r.offsets.dtype == torch.int32
+    assert torch.equal(r.experts, experts) and (T == 0 or r.experts.data_ptr() != experts.data_ptr())
+    # float32 exp and sum over k terms: a few roundings per weight
+    assert_within(r.weights.double(), ref, gamma(k + 4, torch.float32) * 2)
+    flat = experts.flatten().long()
+    assert torch.equal(r.order.long(), torch.sort(flat, stable=True).indices)
+    assert torch.equal(r.offsets.long(), torch.bincount(flat, minlength=E).cumsum(0))
+    # replaying what moe_route chose reproduces it exactly
+    own = moe_route(logits, k)
+    again = moe_route_given(logits, own.experts)
+    assert torch.equal(again.experts, own.experts) and torch.equal(again.order, own.order)
+    assert torch.equal(again.offsets, own.offsets)
+    torch.testing.assert_close(again.weights, own.weights, rtol=0, atol=gamma(E + k, torch.float32))
+
+
+def test_moe_route_given_gradients_and_opcheck():
+    from ossrl.ops import moe_route_given
+
+    logits = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    experts = _given(7, 5, 2, "cpu", seed=1)
+    assert torch.autograd.gradcheck(lambda l: moe_route_given(l, experts).weights, (logits,))
+    # the gradient reaches exactly the given experts' logits
+    moe_route_given(logits, experts).weights[:, 0].sum().backward()
+    touched = logits.grad != 0
+    assert torch.equal(touched, torch.zeros_like(touched).scatter_(1, experts.long(), True))
+    opcheck(torch.ops.ossrl.moe_route_given.default, (torch.randn(6, 4), _given(6, 4, 2, "cpu")))
+
+
+def test_moe_route_given_bad_input():
+    from ossrl.ops import moe_route_given
+
+    lg = torch.randn(4, 6)
+    good = _given(4, 6, 2, "cpu")
+    bad_id = good.clone()
+    bad_id[2, 1] = 6
+    twice = good.clone()
+    twice[1, 1] = twice[1, 0]
+    for experts, match in [(bad_id, r"experts\[2, 1\] = 6 is out of range"), (twice, "appears twice"),
+                           (good.long(), "int32"), (good[:3], "one row per token"), (good[:, :0], "1 to E"),
+                           (good.flatten(), "experts")]:
+        with pytest.raises((RuntimeError, ValueError), match=match):
+            moe_route_given(lg, experts)
+    with pytest.raises((RuntimeError, ValueError)):
+        moe_route_given(lg.to(torch.int32), good)

@@ -133,6 +133,26 @@ bool ranks_before(T a, int32_t ia, T b, int32_t ib) {
   return ia < ib;
 }
 
+// Stable counting sort of the flat (token, slot) indices by expert: (order, inclusive offsets).
+std::tuple<at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& experts, int64_t E) {
+  const int64_t n = experts.numel();
+  const int32_t* ex = experts.data_ptr<int32_t>();
+  at::Tensor order = at::empty({n}, experts.options());
+  at::Tensor offsets = at::zeros({E}, experts.options());
+  int32_t* ord = order.data_ptr<int32_t>();
+  int32_t* off = offsets.data_ptr<int32_t>();
+  for (int64_t f = 0; f < n; ++f) ++off[ex[f]];
+  std::vector<int64_t> next(E);
+  int64_t run = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    next[e] = run;
+    run += off[e];
+    off[e] = static_cast<int32_t>(run);
+  }
+  for (int64_t f = 0; f < n; ++f) ord[next[ex[f]]++] = static_cast<int32_t>(f);
+  return {order, offsets};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cpu(
     const at::Tensor& router_logits, int64_t top_k) {
   const char* op = "moe_route";
@@ -174,20 +194,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cpu(
     });
   });
 
-  // Stable counting sort of the flat (token, slot) indices by expert.
-  at::Tensor order = at::empty({T * top_k}, experts.options());
-  at::Tensor offsets = at::zeros({E}, experts.options());
-  int32_t* ord = order.data_ptr<int32_t>();
-  int32_t* off = offsets.data_ptr<int32_t>();
-  for (int64_t f = 0; f < T * top_k; ++f) ++off[ex[f]];
-  std::vector<int64_t> next(E);
-  int64_t run = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    next[e] = run;
-    run += off[e];
-    off[e] = static_cast<int32_t>(run);
+  auto [order, offsets] = sort_by_expert(experts, E);
+  return {weights, experts, order, offsets};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_given_cpu(
+    const at::Tensor& router_logits, const at::Tensor& experts_in) {
+  const char* op = "moe_route_given";
+  check_cpu(router_logits, op, "router_logits");
+  check_dim(router_logits, 2, op, "router_logits");
+  check_float(router_logits, op, "router_logits");
+  check_dim(experts_in, 2, op, "experts");
+  OSSRL_CHECK(experts_in.scalar_type() == at::kInt, op, "experts must be int32, got ", experts_in.scalar_type());
+  check_same_device(experts_in, router_logits, op, "experts", "router_logits");
+  const int64_t T = router_logits.size(0), E = router_logits.size(1), k = experts_in.size(1);
+  OSSRL_CHECK(experts_in.size(0) == T, op, "experts must have one row per token (", T, "), got ",
+              experts_in.size(0));
+  OSSRL_CHECK_VALUE(E > 0 && k >= 1 && k <= E, op, "experts must have 1 to E=", E, " slots, got ", k);
+  const at::Tensor experts = experts_in.contiguous().clone();
+  const int32_t* ex = experts.data_ptr<int32_t>();
+  for (int64_t t = 0; t < T; ++t) {  // every id in range, none twice in a row (the kernels rely on it)
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t e = ex[t * k + j];
+      OSSRL_CHECK_VALUE(e >= 0 && e < E, op, "experts[", t, ", ", j, "] = ", e, " is out of range [0, ", E, ")");
+      for (int64_t i = 0; i < j; ++i)
+        OSSRL_CHECK_VALUE(ex[t * k + i] != e, op, "expert ", e, " appears twice in experts[", t, "]");
+    }
   }
-  for (int64_t f = 0; f < T * top_k; ++f) ord[next[ex[f]]++] = static_cast<int32_t>(f);
+  const auto acc = acc_type(router_logits.scalar_type());
+  const at::Tensor logits = router_logits.contiguous();
+  at::Tensor weights = at::empty({T, k}, logits.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "moe_route_given", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* lg = logits.data_ptr<scalar_t>();
+    acc_t* wt = weights.data_ptr<acc_t>();
+    ossrl::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* row = lg + t * E;
+        acc_t top = static_cast<acc_t>(row[ex[t * k]]);
+        for (int64_t j = 1; j < k; ++j) top = std::max(top, static_cast<acc_t>(row[ex[t * k + j]]));
+        acc_t sum = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          const acc_t p = std::exp(static_cast<acc_t>(row[ex[t * k + j]]) - top);
+          wt[t * k + j] = p;
+          sum += p;
+        }
+        for (int64_t j = 0; j < k; ++j) wt[t * k + j] /= sum;
+      }
+    });
+  });
+  auto [order, offsets] = sort_by_expert(experts, E);
   return {weights, experts, order, offsets};
 }
 
@@ -392,6 +448,7 @@ TORCH_LIBRARY_IMPL(ossrl, CPU, m) {
   m.impl("grouped_gemm", &grouped_gemm_cpu);
   m.impl("grouped_gemm_dw", &grouped_gemm_dw_cpu);
   m.impl("moe_route", &moe_route_cpu);
+  m.impl("moe_route_given", &moe_route_given_cpu);
   m.impl("moe_experts", &moe_experts_cpu);
   m.impl("moe_experts_backward", &moe_experts_backward_cpu);
 }

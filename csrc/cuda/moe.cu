@@ -886,6 +886,33 @@ __global__ void route_topk_kernel(const T* __restrict__ logits, int ntok, int E,
   for (int p = lane; p < k; p += 32) wrow[p] = expf(wrow[p] - top) / s;
 }
 
+// Routing replay: the experts are given (one row per token, clamped into [0, E): the host checks
+// shapes only, values would need a synchronisation); the weights are the softmax of the logits at
+// those experts, in slot order. One thread per token: k is small (4 for GPT-OSS).
+template <typename T>
+__global__ void route_given_kernel(const T* __restrict__ logits, const int32_t* __restrict__ given, int ntok,
+                                   int E, int k, float* __restrict__ weights, int32_t* __restrict__ experts) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= ntok) return;
+  const T* row = logits + static_cast<int64_t>(t) * E;
+  const int32_t* g = given + static_cast<int64_t>(t) * k;
+  float* wrow = weights + static_cast<int64_t>(t) * k;
+  int32_t* erow = experts + static_cast<int64_t>(t) * k;
+  float top = -INFINITY;
+  for (int p = 0; p < k; ++p) {
+    const int e = min(max(g[p], 0), E - 1);
+    erow[p] = e;
+    top = fmaxf(top, static_cast<float>(row[e]));
+  }
+  float s = 0.f;
+  for (int p = 0; p < k; ++p) {
+    const float v = expf(static_cast<float>(row[erow[p]]) - top);
+    wrow[p] = v;
+    s += v;
+  }
+  for (int p = 0; p < k; ++p) wrow[p] /= s;
+}
+
 // Stable counting sort of the flat (token, slot) indices by expert, in chunks of kRouteChunk
 // flat indices: counts[e * nchunks + c] = occurrences of e in chunk c; then (one block) their
 // exclusive prefix over chunks per expert and over experts; then each chunk writes its indices
@@ -1232,6 +1259,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_dw_cuda(const at::Tensor& x, con
 // ---------------------------------------------------------------------------------------------
 // Routing
 
+void sort_by_expert_cuda(const at::Tensor& experts, int64_t E, at::Tensor& order, at::Tensor& offsets,
+                         cudaStream_t stream, const char* op);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
     const at::Tensor& router_logits, int64_t top_k) {
   const char* op = "moe_route";
@@ -1264,7 +1294,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  const int64_t total = T * top_k;
+  sort_by_expert_cuda(experts, E, order, offsets, stream, op);
+  return {weights, experts, order, offsets};
+}
+
+// Stable sort of the flat (token, slot) indices by expert, on the device (count, scan, scatter).
+void sort_by_expert_cuda(const at::Tensor& experts, int64_t E, at::Tensor& order, at::Tensor& offsets,
+                         cudaStream_t stream, const char* op) {
+  const auto iopts = experts.options();
+  const int64_t total = experts.numel();
   const int64_t nchunks = (total + kRouteChunk - 1) / kRouteChunk;
   check_int_range(E * nchunks, op, "routing count table");
   at::Tensor counts = at::empty({E * nchunks}, iopts);
@@ -1282,6 +1320,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
       static_cast<int>(nchunks), counts.data_ptr<int32_t>(), excl.data_ptr<int32_t>(),
       order.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_given_cuda(
+    const at::Tensor& router_logits, const at::Tensor& given) {
+  const char* op = "moe_route_given";
+  check_cuda(router_logits, op, "router_logits");
+  check_dim(router_logits, 2, op, "router_logits");
+  check_float(router_logits, op, "router_logits");
+  check_dim(given, 2, op, "experts");
+  OSSRL_CHECK(given.scalar_type() == at::kInt, op, "experts must be int32, got ", given.scalar_type());
+  check_same_device(given, router_logits, op, "experts", "router_logits");
+  const int64_t T = router_logits.size(0), E = router_logits.size(1), k = given.size(1);
+  OSSRL_CHECK(given.size(0) == T, op, "experts must have one row per token (", T, "), got ", given.size(0));
+  OSSRL_CHECK_VALUE(E > 0 && k >= 1 && k <= E, op, "experts must have 1 to E=", E, " slots, got ", k);
+  check_int_range(T * k, op, "T * k");
+  check_int_range(E, op, "number of experts");
+  const c10::cuda::CUDAGuard guard(router_logits.device());
+  const auto iopts = router_logits.options().dtype(at::kInt);
+  at::Tensor weights = at::empty({T, k}, router_logits.options().dtype(at::kFloat));
+  at::Tensor experts = at::empty({T, k}, iopts);
+  at::Tensor order = at::empty({T * k}, iopts);
+  at::Tensor offsets = at::empty({E}, iopts);
+  if (T == 0) return {weights, experts, order, offsets.zero_()};
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor logits = router_logits.contiguous(), g = given.contiguous();
+  dispatch_float(logits.scalar_type(), op, [&](auto tag) {
+    using S = decltype(tag);
+    route_given_kernel<S><<<static_cast<unsigned>((T + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        static_cast<const S*>(logits.data_ptr()), g.data_ptr<int32_t>(), static_cast<int>(T), static_cast<int>(E),
+        static_cast<int>(k), weights.data_ptr<float>(), experts.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  sort_by_expert_cuda(experts, E, order, offsets, stream, op);
   return {weights, experts, order, offsets};
 }
 
@@ -1587,6 +1658,7 @@ TORCH_LIBRARY_IMPL(ossrl, CUDA, m) {
   m.impl("grouped_gemm", &grouped_gemm_cuda);
   m.impl("grouped_gemm_dw", &grouped_gemm_dw_cuda);
   m.impl("moe_route", &moe_route_cuda);
+  m.impl("moe_route_given", &moe_route_given_cuda);
   m.impl("moe_experts", &moe_experts_cuda);
   m.impl("moe_experts_backward", &moe_experts_backward_cuda);
 }

@@ -17,6 +17,8 @@ does); the experts are ``ossrl.ops.moe_route`` + ``ossrl.ops.moe_experts``.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Protocol
 
@@ -180,16 +182,55 @@ class Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h))
 
 
+class RoutingTape:
+    """What the MoE layers of one forward pass chose, and what they are told to choose.
+
+    ``given`` (T, L, k) int32: experts recorded earlier for each token and layer (the rollout's),
+    -1 where none was recorded. With ``replay``, every token with a record is routed to exactly
+    those experts (weights: the softmax of this forward's router logits there, so the router
+    still learns; ``ops.moe_route_given``); tokens without one use this forward's top-k. Either
+    way the layers count how often their own top-k set equals the record (``agreement``), and
+    ``recorded`` keeps each layer's chosen experts (T, k) (what the engine stores). A layer run
+    again by activation checkpointing in the backward pass counts once."""
+
+    def __init__(self, given: Tensor | None = None, replay: bool = False):
+        self.given, self.replay = given, replay and given is not None
+        self.recorded: dict[int, Tensor] = {}
+        self.agree: Tensor | None = None  # token-layer pairs whose top-k set equals the record
+        self.compared: Tensor | None = None  # token-layer pairs with a record
+
+    def route(self, layer: int, logits: Tensor, top_k: int):
+        own = ops.moe_route(logits, top_k)
+        first = layer not in self.recorded
+        given = None if self.given is None else self.given[:, layer]
+        if given is not None and first:
+            has = given[:, 0] >= 0
+            same = (torch.sort(own.experts, dim=-1).values == torch.sort(given, dim=-1).values).all(-1) & has
+            a, c = same.sum(), has.sum()
+            self.agree = a if self.agree is None else self.agree + a
+            self.compared = c if self.compared is None else self.compared + c
+        routing = own
+        if self.replay:
+            routing = ops.moe_route_given(logits, torch.where(given >= 0, given, own.experts))
+        if first:
+            self.recorded[layer] = routing.experts.detach()
+        return routing
+
+
 class MoE(nn.Module):
-    def __init__(self, config: GptOssConfig):
+    def __init__(self, config: GptOssConfig, layer: int = 0):
         super().__init__()
+        self.layer = layer
+        self.tape: RoutingTape | None = None  # set for one forward by GptOss.routing_tape
         self.top_k = config.num_experts_per_tok
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True)
         self.experts = Experts(config)
 
     def forward(self, x: Tensor) -> Tensor:
-        routing = ops.moe_route(self.router(x), self.top_k)
+        logits = self.router(x)
+        tape = self.tape
+        routing = ops.moe_route(logits, self.top_k) if tape is None else tape.route(self.layer, logits, self.top_k)
         e = self.experts
         return ops.moe_experts(x, routing, e.gate_up_proj, e.gate_up_proj_bias, e.down_proj, e.down_proj_bias,
                                swiglu_alpha=self.alpha, swiglu_limit=self.limit)
@@ -201,7 +242,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoE(config)
+        self.mlp = MoE(config, layer)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                 kv_cache: KVCache | None = None) -> Tensor:
@@ -253,6 +294,19 @@ class GptOss(nn.Module):
                 p.zero_()
             else:  # weights, embedding, router bias, sinks
                 p.normal_(0.0, std)
+
+    @contextlib.contextmanager
+    def routing_tape(self, tape: RoutingTape | None):
+        """Every MoE layer records into / replays from ``tape`` while the block runs (forward,
+        and the backward pass with activation checkpointing: keep the block around both)."""
+        layers = [m for m in self.modules() if isinstance(m, MoE)]
+        for m in layers:
+            m.tape = tape
+        try:
+            yield tape
+        finally:
+            for m in layers:
+                m.tape = None
 
     def forward(
         self,

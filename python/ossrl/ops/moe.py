@@ -48,6 +48,20 @@ def moe_route(router_logits: Tensor, top_k: int) -> Routing:
     return Routing(*_ops.moe_route(router_logits, top_k))
 
 
+def moe_route_given(router_logits: Tensor, experts: Tensor) -> Routing:
+    """Routing to given experts (routing replay): ``experts`` (T, k) int32, the experts each token
+    goes to, in slot order; the weights are the softmax of ``router_logits`` (T, E) at those
+    experts, so the router still gets gradients (differentiable in router_logits through
+    ``weights``, exactly as :func:`moe_route`). ``moe_route_given(logits, moe_route(logits, k).experts)``
+    equals ``moe_route(logits, k)``.
+
+    Bad ids are errors on the CPU (out of [0, E), or one expert twice in a row); on CUDA only
+    shapes and dtypes are checked (the values would need a host synchronisation): ids are
+    clamped into [0, E) there.
+    """
+    return Routing(*_ops.moe_route_given(router_logits, experts))
+
+
 def moe_experts(
     x: Tensor,
     routing: Routing,
@@ -117,6 +131,17 @@ def _(router_logits, top_k):
     return weights, experts, order, offsets
 
 
+@torch.library.register_fake("ossrl::moe_route_given")
+def _(router_logits, experts):
+    t, e = router_logits.shape
+    torch._check(experts.dim() == 2 and experts.shape[0] == t, lambda: "ossrl.moe_route_given: experts must be (T, k)")
+    k = experts.shape[1]
+    torch._check(0 < k <= e, lambda: f"ossrl.moe_route_given: experts must have 1 to {e} slots, got {k}")
+    wdtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
+    return (router_logits.new_empty(t, k, dtype=wdtype), router_logits.new_empty(t, k, dtype=torch.int32),
+            router_logits.new_empty(t * k, dtype=torch.int32), router_logits.new_empty(e, dtype=torch.int32))
+
+
 @torch.library.register_fake("ossrl::moe_experts")
 def _(x, weights, order, offsets, w_gate_up, b_gate_up, w_down, b_down, alpha, limit):
     return x.new_empty(x.shape), x.new_empty(order.shape[0], w_gate_up.shape[2])
@@ -183,6 +208,7 @@ def _moe_route_backward(ctx, d_weights, d_experts, d_order, d_offsets):
 
 
 torch.library.register_autograd("ossrl::moe_route", _moe_route_backward, setup_context=_moe_route_setup)
+torch.library.register_autograd("ossrl::moe_route_given", _moe_route_backward, setup_context=_moe_route_setup)
 
 
 def _moe_experts_setup(ctx, inputs, output):

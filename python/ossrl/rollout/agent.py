@@ -27,6 +27,7 @@ whenever they are ready (no waiting at all, timing-dependent).
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures as cf
 import hashlib
 import re
@@ -63,6 +64,9 @@ class Trajectory:
     # results, the final answer): what reward functions see, and what --resume replays
     chat: list = field(default_factory=list)
     tool_log: list = field(default_factory=list)  # [tool name, error kind or None] per call
+    # the experts each token chose in every MoE layer while the engine fed it (uint8, layers x
+    # top_k per token, from the first token on; the last sampled token is never fed): replay
+    routing: bytes = b""
     messages: list = field(default_factory=list)  # the parsed assistant messages (not checkpointed)
 
     @classmethod
@@ -82,11 +86,24 @@ class Trajectory:
         self.versions += [version if sampled else CONTEXT] * len(tokens)
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "messages"}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("messages", "routing")}
+        d["routing"] = base64.b64encode(self.routing).decode("ascii")
+        return d
+
+    def take_routing(self, recorded) -> None:
+        """Keeps the engine's record of the positions this trajectory has no record for yet (a
+        recomputed prefix after a pause keeps the routing it was sampled with)."""
+        if recorded is not None and len(recorded) > len(self.routing):
+            self.routing = self.routing + bytes(recorded[len(self.routing):])
 
     @classmethod
     def from_json(cls, d: dict) -> "Trajectory":
         """The inverse of ``to_json``; a ValueError for anything that could misalign training."""
+        d = dict(d)
+        try:
+            d["routing"] = base64.b64decode(d.get("routing") or "", validate=True)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"Trajectory.from_json: routing is not base64 ({e})") from None
         t = cls(**d)
         n = len(t.tokens)
         if not (len(t.loss_mask) == len(t.rollout_logprobs) == len(t.versions) == n) or not 0 <= t.turn_start <= n:
@@ -174,6 +191,7 @@ def advance(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry | list[Too
     def end_turn(i: int, out: Completion) -> None:
         t = trajs[i]
         t.append(out.tokens, sampled=True, logprobs=out.logprobs, version=version)
+        t.take_routing(out.routing)
         if out.finish_reason == "rejected":  # can never fit the cache
             t.finish = "rejected"
             return
@@ -252,6 +270,7 @@ def advance(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry | list[Too
         for i, seq in list(live.items()):
             out = engine.abort(seq)
             trajs[i].append(out.tokens, sampled=True, logprobs=out.logprobs, version=version)
+            trajs[i].take_routing(out.routing)
             trajs[i].pauses += 1
             del live[i]
     finally:

@@ -54,6 +54,9 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "rejected" (can never fit the cache) | "aborted"
     handle: int | None = None  # with keep=True: pass Resume(handle, tokens) to continue
     top_logprobs: list[list[tuple[int, float]]] | None = None  # with SamplingParams.top_logprobs
+    # with Engine.record_routing: the experts (uint8, layers x top_k per token) every token this
+    # sequence fed chose, from its first token: what routing replay gives the trainer
+    routing: bytearray | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class _Seq:
     keep: bool = False  # keep the cache when finished, for a Resume
     generator: torch.Generator | None = None  # its own sampling stream (None: the engine's)
     out: Completion | None = None
+    routing: bytearray = field(default_factory=bytearray)  # experts of every fed token (record_routing)
 
 
 class PagedKVCache:
@@ -136,6 +140,9 @@ class Engine:
         self._reserved = 0
         self._rejected: list[_Seq] = []  # finished by _admit, reported by the next step
         self.stats = {"steps": 0, "forward_tokens": 0, "generated_tokens": 0, "preemptions": 0}
+        # Record each fed token's experts in every MoE layer (Completion.routing): routing replay
+        # and the routing-agreement metric. One small copy to the host per step.
+        self.record_routing = False
 
     # ---- memory ----
 
@@ -195,6 +202,8 @@ class Engine:
         if seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(seed)
         seq.out = Completion([], [], "length")
+        if self.record_routing:
+            seq.out.routing = seq.routing
         seq.limit = min(seq.cached + len(seq.pending) + params.max_new_tokens, self.capacity_tokens)
         self._waiting.append(seq)
         return seq
@@ -318,8 +327,22 @@ class Engine:
         ids = torch.tensor(list(itertools.chain.from_iterable(chunks)), dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(s.cached, s.cached + n, device=dev) for s, n in zip(batch, lens)])
         self.cache.set_step(table, cu, cached, seq_lens, max(lens), max(s.cached + n for s, n in zip(batch, lens)))
-        hidden = self.model(ids, cu, max_seqlen=max(lens), position_ids=positions, kv_cache=self.cache,
-                            return_hidden=True)
+        tape = None
+        if self.record_routing and self.model.config.num_local_experts <= 256:  # ids fit a byte
+            from ..model.gpt_oss import RoutingTape
+
+            tape = RoutingTape()
+        with self.model.routing_tape(tape):
+            hidden = self.model(ids, cu, max_seqlen=max(lens), position_ids=positions, kv_cache=self.cache,
+                                return_hidden=True)
+        if tape is not None and tape.recorded:  # (T, layers, k) experts, split by sequence
+            rec = torch.stack([tape.recorded[i] for i in sorted(tape.recorded)], dim=1).to(torch.uint8).cpu()
+            flat = rec.numpy().tobytes()
+            width = rec.shape[1] * rec.shape[2]
+            start = 0
+            for seq, n in zip(batch, lens):
+                seq.routing += flat[start * width:(start + n) * width]
+                start += n
 
         sample_rows, sample_seqs = [], []
         for seq, n, end in zip(batch, lens, itertools.accumulate(lens)):

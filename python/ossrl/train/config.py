@@ -79,6 +79,9 @@ class TrainConfig:
     # not trained on, and a step with no such group anywhere takes no optimizer step at all
     # (Adam's momentum would otherwise keep moving the weights with nothing to learn from)
     filter_groups: bool = True
+    # MoE routing replay: the trainer routes every token to the experts the rollout engine chose
+    # (weights recomputed from the trainer's router logits: the router still learns)
+    routing_replay: bool = False
     micro_batch_tokens: int = 8192
     parallel: str = "dp"  # under torchrun: dp (every rank holds the model) | fsdp (FSDP2 shards)
     activation_checkpointing: bool = False  # recompute each layer in the backward (long trajectories)

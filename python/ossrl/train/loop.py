@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .. import reshard
 from ..model import ByteTokenizer, GptOss, GptOssConfig, load_pretrained, load_tokenizer
+from ..model.gpt_oss import RoutingTape
 from ..model.lora import adapters_disabled, apply_lora
 from ..rollout.agent import CONTEXT, Trajectory
 from ..rollout.engine import Engine
@@ -93,9 +94,10 @@ def sync_plan(model, engine_model, *, trainable_only: bool = False):
 # ---- packing ----
 
 
-def pack(trajs: list[Trajectory], device) -> dict[str, torch.Tensor]:
+def pack(trajs: list[Trajectory], device, routing_shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Concatenates trajectories with no padding. Position p predicts token p+1 of its sequence;
-    a sequence's last position predicts nothing (mask 0)."""
+    a sequence's last position predicts nothing (mask 0). ``routing_shape`` (layers, top_k):
+    also ``routing`` (T, layers, top_k) int32, the experts the engine recorded, -1 where none."""
     ids, targets, mask, roll, lens = [], [], [], [], []
     for t in trajs:
         n = len(t.tokens)
@@ -106,8 +108,24 @@ def pack(trajs: list[Trajectory], device) -> dict[str, torch.Tensor]:
         lens.append(n)
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
     as_t = lambda v, dt: torch.tensor(v, dtype=dt, device=device)
-    return dict(ids=as_t(ids, torch.long), targets=as_t(targets, torch.long), mask=as_t(mask, torch.float32),
-                rollout_logprobs=as_t(roll, torch.float32), cu_seqlens=cu, max_seqlen=max(lens))
+    out = dict(ids=as_t(ids, torch.long), targets=as_t(targets, torch.long), mask=as_t(mask, torch.float32),
+               rollout_logprobs=as_t(roll, torch.float32), cu_seqlens=cu, max_seqlen=max(lens))
+    if routing_shape is not None and any(t.routing for t in trajs):
+        import numpy as np
+
+        width = routing_shape[0] * routing_shape[1]
+        rows = []
+        for t in trajs:
+            n = len(t.tokens)
+            got = np.frombuffer(t.routing, dtype=np.uint8)
+            if got.size % width or got.size > n * width:
+                raise ValueError(f"pack: a trajectory's routing record ({got.size} bytes) does not fit "
+                                 f"{n} tokens x {routing_shape[0]} layers x {routing_shape[1]} experts")
+            r = np.full((n, width), -1, dtype=np.int32)
+            r[: got.size // width] = got.reshape(-1, width)
+            rows.append(r)
+        out["routing"] = torch.from_numpy(np.concatenate(rows)).view(-1, *routing_shape).to(device)
+    return out
 
 
 def micro_batches(trajs: list, budget: int) -> list[list[int]]:
@@ -200,24 +218,31 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
     total = total or 1
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
-    loss_value, gap_max = 0.0, 0.0
+    loss_value, gap_max, agree, compared = 0.0, 0.0, 0.0, 0.0
+    mc = model.config  # FSDP2 keeps the module (and its config); dp does not wrap
+    routing_shape = (mc.num_hidden_layers, mc.num_experts_per_tok)
     batches = micro_batches(trajs, cfg.micro_batch_tokens)
     for k in dp.passes(model, len(batches)):
         if k is None:  # FSDP: as many passes as the busiest rank, these add zeros
             padding_pass(model)
             continue
         idx = batches[k]
-        b = pack([trajs[i] for i in idx], device)
+        b = pack([trajs[i] for i in idx], device, routing_shape=routing_shape)
         adv = torch.repeat_interleave(
             torch.tensor([advantages[i] for i in idx], dtype=torch.float32, device=device),
             (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).long())
-        with activations_on_host(cfg.offload_activations):
-            logp = model.token_logprobs(b["ids"], b["cu_seqlens"], b["targets"], max_seqlen=b["max_seqlen"])
-        # One update per rollout batch: the trainer's log-probs before it ARE this forward's.
-        ref = reference_logprobs(model, ref_model, b) if cfg.loss.kl_coef else None
-        loss, st = policy_loss(logp, logp.detach(), b["rollout_logprobs"], adv, b["mask"], cfg.loss, logp_ref=ref)
-        share = st["loss_tokens"] / total
-        (loss * share).backward()
+        tape = RoutingTape(b.get("routing"), replay=cfg.routing_replay)
+        with model.routing_tape(tape):  # around the backward too: checkpointed layers re-route
+            with activations_on_host(cfg.offload_activations):
+                logp = model.token_logprobs(b["ids"], b["cu_seqlens"], b["targets"], max_seqlen=b["max_seqlen"])
+            # One update per rollout batch: the trainer's log-probs before it ARE this forward's.
+            ref = reference_logprobs(model, ref_model, b) if cfg.loss.kl_coef else None
+            loss, st = policy_loss(logp, logp.detach(), b["rollout_logprobs"], adv, b["mask"], cfg.loss, logp_ref=ref)
+            share = st["loss_tokens"] / total
+            (loss * share).backward()
+        if tape.compared is not None:
+            agree += float(tape.agree)
+            compared += float(tape.compared)
         loss_value += loss.item() * share
         for k in ("tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl", "mismatch_kl"):
             sums[k] = sums.get(k, 0.0) + st[k] * share
@@ -231,9 +256,12 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
     else:  # one bad batch (an overflow, a NaN log-prob) must not poison the weights: skip the update
         optimizer.zero_grad(set_to_none=True)
     keys = ["tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl", "mismatch_kl"]
-    values = dp.sum([loss_value] + [sums.get(k, 0.0) for k in keys], device)
+    values = dp.sum([loss_value] + [sums.get(k, 0.0) for k in keys] + [agree, compared], device)
+    agree, compared = values[-2:]
     return {"loss": values[0], "grad_norm": float(grad_norm) if finite else None, "nonfinite_grad": not finite,
-            **dict(zip(keys, values[1:])), "logprob_gap_max": dp.max(gap_max, device)}
+            **dict(zip(keys, values[1:-2])), "logprob_gap_max": dp.max(gap_max, device),
+            # token-layer pairs whose trainer top-k set equals the rollout's (before any replay)
+            "routing_agreement": agree / compared if compared else None}
 
 
 # ---- the loop ----
@@ -298,6 +326,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     ref_model = dp.prepare(ref_model) if ref_model is not None else None
     plan = sync_plan(model, engine_model, trainable_only=bool(cfg.lora_rank))
     engine = Engine(engine_model, max_cache_tokens=cfg.kv_cache_tokens, seed=cfg.seed)
+    engine.record_routing = True  # routing_agreement every step; the experts to replay with routing_replay
     busy = BusyMeter(device)
 
     def sync_weights():
@@ -449,7 +478,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
             stats = train_step(model, optimizer, train_trajs, train_adv, cfg, device, dp, ref_model)
         else:  # nothing to learn from anywhere: no step (Adam's momentum would still move the weights)
             stats = dict.fromkeys(("loss", "grad_norm", "tis_weight_mean", "tis_truncated_frac", "clip_frac", "kl",
-                                   "mismatch_kl", "logprob_gap_max"))
+                                   "mismatch_kl", "logprob_gap_max", "routing_agreement"))
             stats["nonfinite_grad"] = False
         t2 = time.perf_counter()
         # Weight sync into the engine's layout, in place (nothing to move when it shares storage).
