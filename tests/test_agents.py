@@ -66,6 +66,9 @@ def test_agent_training_uses_exactly_the_sampled_tokens(tmp_path, monkeypatch):
 
     def spy_step(model, optimizer, trajs, adv, *a, **k):
         trained.append([(list(t.tokens), list(t.loss_mask), list(t.rollout_logprobs)) for t in trajs])
+        cfg = model.config  # every fed token carries the engine's expert record (routing replay)
+        width = cfg.num_hidden_layers * cfg.num_experts_per_tok
+        assert all(len(t.routing) == (len(t.tokens) - 1) * width for t in trajs)
         return real_step(model, optimizer, trajs, adv, *a, **k)
     monkeypatch.setattr(agents, "run_agent_episodes", spy_run)
     monkeypatch.setattr(loop, "train_step", spy_step)

@@ -41,6 +41,7 @@ class _Request:
     prompt: list[int]
     tokens: list[int]
     logprobs: list[float]
+    routing: bytes = b""  # the engine's expert record of this request's token stream, from its start
 
 
 @dataclass
@@ -65,6 +66,7 @@ class AgentEpisode:
                 cur = Trajectory.start(r.prompt)
                 out.append(cur)
             cur.append(r.tokens, sampled=True, logprobs=r.logprobs, version=version)
+            cur.take_routing(r.routing)
         return out
 
 
@@ -121,8 +123,10 @@ class EpisodeBook:
         if ep is None:
             return
         with self.lock:
-            for tokens, logprobs, _ in choices:
-                ep.requests.append(_Request(list(gen.prompt), list(tokens), list(logprobs)))
+            for (tokens, logprobs, _), req in zip(choices, reqs):
+                out = getattr(req.seq, "out", None)
+                routing = bytes(out.routing) if out is not None and out.routing is not None else b""
+                ep.requests.append(_Request(list(gen.prompt), list(tokens), list(logprobs), routing))
             tokens, _, message = choices[0]
             ep.last_messages = list(body.get("messages") or [])
             ep.last_answer = message
