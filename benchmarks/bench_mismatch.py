@@ -29,6 +29,7 @@ def run_config(name: str, overrides: dict, a) -> dict:
     with tempfile.TemporaryDirectory() as d:
         cfg = {"seed": a.seed, "sft_steps": a.sft_steps, "steps": a.steps, "prompts_per_step": 8, "group_size": 4,
                "eval_every": 10 ** 6, "eval_prompts": 8, "checkpoint_every": 10 ** 6, "filter_groups": False,
+               "extra_groups": 0,  # no paused groups: every trained token was sampled by the current weights
                **overrides}
         run(cfg, run_dir=d, log=lambda *x: None)
         recs = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]

@@ -94,7 +94,8 @@ def policy_loss(
         # rollout/training mismatch of the sampled tokens, before the update: k3 estimate of
         # KL(rollout || trainer) (samples come from the rollout; r = p_trainer / p_rollout)
         gap = (old - logp_rollout.detach()) * m
-        mismatch = ((torch.exp(gap) - 1 - gap) * m).sum() / n
+        # k3 >= 0 exactly; for tiny gaps expm1(g) - g can round just below 0: clamp per token
+        mismatch = ((torch.expm1(gap) - gap).clamp(min=0) * m).sum() / n
         gap_max = gap.abs().max() if gap.numel() else torch.zeros(())
 
     per_token = w * pg
