@@ -204,6 +204,8 @@ def _dp_worker(rank, world, port, run_dir, args, results):
     pytest.param("fsdp", [], id="fsdp"),
     pytest.param("fsdp", ["lora_rank=4", "loss.kl_coef=0.05"], id="fsdp-lora-kl"),
     pytest.param("fsdp", ["loss.kl_coef=0.05"], id="fsdp-kl"),
+    # routing replay under FSDP2 with LoRA: the recorded experts reach the sharded trainer's forward
+    pytest.param("fsdp", ["lora_rank=4", "routing_replay=true"], id="fsdp-lora-replay"),
     pytest.param("fsdp", ["activation_checkpointing=true", "offload_activations=true", "offload_optimizer=true"],
                  id="fsdp-ckpt-offload"),
 ])
