@@ -17,17 +17,33 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def model_folder(name: str, out: str) -> str:
+    """The built-in "small" model (bench_memory's preset, random weights) as a Hugging Face folder
+    with a tokenizer of the tiny model's byte ids, so that ``ossrl train model=FOLDER`` runs it."""
+    from _hf_harmony_tokenizer import build_tokenizer
+    from bench_memory import PRESETS
+    from ossrl.model import GptOss, GptOssConfig, save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(GptOss(GptOssConfig.tiny(**PRESETS[name])), out)
+    build_tokenizer().save_pretrained(out)
+    return out
 
 
 def run_config(name: str, overrides: dict, a) -> dict:
     from ossrl.train import run
 
     with tempfile.TemporaryDirectory() as d:
-        cfg = {"seed": a.seed, "sft_steps": a.sft_steps, "steps": a.steps, "prompts_per_step": 8, "group_size": 4,
+        cfg = {"model": a.model_dir, "seed": a.seed, "sft_steps": a.sft_steps, "sft_batch": a.sft_batch, "steps": a.steps, "prompts_per_step": 8, "group_size": 4,
                "eval_every": 10 ** 6, "eval_prompts": 8, "checkpoint_every": 10 ** 6, "filter_groups": False,
                "extra_groups": 0,  # no paused groups: every trained token was sampled by the current weights
                **overrides}
@@ -71,18 +87,22 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--sft-steps", type=int, default=150)
+    p.add_argument("--sft-batch", type=int, default=96)
+    p.add_argument("--model", default="tiny", choices=["tiny", "small"], help="small: bench_memory's 56M preset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    tmp = tempfile.mkdtemp(prefix="bench-mismatch-")
+    a.model_dir = "tiny" if a.model == "tiny" else model_folder(a.model, os.path.join(tmp, a.model))
     configs = [("fp32 engine = trainer (baseline)", {}),
                ("bf16 rollout, fp32 trainer", {"rollout_dtype": "bfloat16"}),
                ("bf16 rollout, fp32 trainer, replay", {"rollout_dtype": "bfloat16", "routing_replay": True})]
     rows = [run_config(n, o, a) for n, o in configs]
     cost = recording_cost(a)
-    print(f"torch {torch.__version__} | tiny model | {a.sft_steps} warm-up steps, {a.steps} RL steps x 32 episodes, "
+    print(f"torch {torch.__version__} | {a.model} model | {a.sft_steps} warm-up steps, {a.steps} RL steps x 32 episodes, "
           f"seed {a.seed}")
     print(f"{'configuration':<38} {'mismatch_kl':>12} {'max |gap|':>10} {'agreement':>10} {'TIS trunc':>10} "
           f"{'final loss':>11}")
