@@ -208,6 +208,12 @@ def _dp_worker(rank, world, port, run_dir, args, results):
     pytest.param("fsdp", ["lora_rank=4", "routing_replay=true"], id="fsdp-lora-replay"),
     pytest.param("fsdp", ["activation_checkpointing=true", "offload_activations=true", "offload_optimizer=true"],
                  id="fsdp-ckpt-offload"),
+    # experts split across the two ranks (all-to-all), the engine on a replica synced from the shards
+    pytest.param("dp", ["expert_parallel=2", "routing_replay=true"], id="ep-replay"),
+    # both ranks train on both ranks' trajectories, each on half of every micro-batch's tokens
+    pytest.param("fsdp", ["context_parallel=2", "activation_checkpointing=true"], id="fsdp-cp-ckpt"),
+    pytest.param("dp", ["expert_parallel=2", "context_parallel=2", "lora_rank=4", "micro_batch_tokens=64"],
+                 id="ep-cp-lora"),
 ])
 def test_two_process_gloo_run_matches_one_process(tmp_path, parallel, extra):
     """Two ranks, each with half of every batch and gradients summed, compute what one process
@@ -218,9 +224,11 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, parallel, extra):
 
     args = ["sft_steps=6", "steps=2", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=2",
             "checkpoint_every=2", "max_turns=2", "sft_batch=8", "filter_groups=false",
-            "extra_groups=0", *extra]  # every group runs to the end: which ones finish first depends on the batch
+            "extra_groups=0"]  # every group runs to the end: which ones finish first depends on the batch
+    layout = [e for e in extra if e.startswith(("expert_parallel=", "context_parallel="))]  # two processes only
+    args += [e for e in extra if e not in layout]
     assert main(["train", "--run-dir", str(tmp_path / "one"), *args]) == 0
-    args.append(f"parallel={parallel}")
+    args += [f"parallel={parallel}", *layout]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -155,6 +155,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=True)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=True)
         self.sinks = nn.Parameter(torch.zeros(self.n_heads))  # one learned logit per head
+        self.context = None  # a ContextShard while GptOss.context_shard is active (context parallelism)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                 kv_cache: KVCache | None = None) -> Tensor:
@@ -162,7 +163,9 @@ class Attention(nn.Module):
         q = apply_rotary(self.q_proj(x).view(t, self.n_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(t, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(t, self.n_kv_heads, self.head_dim)
-        if kv_cache is None:
+        if kv_cache is None and self.context is not None:
+            o = self.context.attend(q, k, v, window=self.window, sinks=self.sinks, softmax_scale=self.scale)
+        elif kv_cache is None:
             o = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
                                      window=self.window, sinks=self.sinks, softmax_scale=self.scale)
         else:
@@ -222,6 +225,7 @@ class MoE(nn.Module):
         super().__init__()
         self.layer = layer
         self.tape: RoutingTape | None = None  # set for one forward by GptOss.routing_tape
+        self.expert_shard = None  # an ExpertShard when the experts are split across ranks (expert parallelism)
         self.top_k = config.num_experts_per_tok
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True)
@@ -232,8 +236,11 @@ class MoE(nn.Module):
         tape = self.tape
         routing = ops.moe_route(logits, self.top_k) if tape is None else tape.route(self.layer, logits, self.top_k)
         e = self.experts
-        return ops.moe_experts(x, routing, e.gate_up_proj, e.gate_up_proj_bias, e.down_proj, e.down_proj_bias,
-                               swiglu_alpha=self.alpha, swiglu_limit=self.limit)
+        # Under expert parallelism the weights are DTensors holding this rank's experts.
+        w = [p.to_local() if hasattr(p, "to_local") else p
+             for p in (e.gate_up_proj, e.gate_up_proj_bias, e.down_proj, e.down_proj_bias)]
+        run = ops.moe_experts if self.expert_shard is None else self.expert_shard.experts
+        return run(x, routing, *w, swiglu_alpha=self.alpha, swiglu_limit=self.limit)
 
 
 class DecoderLayer(nn.Module):
@@ -279,6 +286,7 @@ class GptOss(nn.Module):
         # Recompute each layer in the backward pass instead of keeping its activations: memory
         # for long trajectories at the cost of one more forward. Set by the trainer.
         self.activation_checkpointing = False
+        self._context = None  # see context_shard
         self.init_weights()
 
     @torch.no_grad()
@@ -307,6 +315,22 @@ class GptOss(nn.Module):
         finally:
             for m in layers:
                 m.tape = None
+
+    @contextlib.contextmanager
+    def context_shard(self, shard):
+        """Every attention layer attends through ``shard`` (a :class:`~ossrl.model.distributed.ContextShard`:
+        this rank's piece of a packed batch under context parallelism) while the block runs; the
+        rotary positions default to the piece's. Keep the block around the backward too."""
+        layers = [m for m in self.modules() if isinstance(m, Attention)]
+        self._context = shard
+        for m in layers:
+            m.context = shard
+        try:
+            yield shard
+        finally:
+            self._context = None
+            for m in layers:
+                m.context = None
 
     def forward(
         self,
@@ -337,7 +361,9 @@ class GptOss(nn.Module):
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
             raise ValueError("GptOss: cu_seqlens must be a 1-D int32 tensor (B+1,)")
         t = input_ids.shape[0]
-        if position_ids is None:
+        if position_ids is None and self._context is not None:
+            position_ids = self._context.positions
+        elif position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens, t)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0

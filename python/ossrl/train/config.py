@@ -84,6 +84,8 @@ class TrainConfig:
     routing_replay: bool = False
     micro_batch_tokens: int = 8192
     parallel: str = "dp"  # under torchrun: dp (every rank holds the model) | fsdp (FSDP2 shards)
+    expert_parallel: int = 1  # under torchrun: split each MoE layer's experts across this many ranks
+    context_parallel: int = 1  # under torchrun: split each packed micro-batch's tokens across this many ranks
     activation_checkpointing: bool = False  # recompute each layer in the backward (long trajectories)
     offload_optimizer: bool = False  # optimizer state in host memory during rollouts (GPU)
     offload_activations: bool = False  # tensors saved for the backward kept in host memory (GPU)
@@ -186,7 +188,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 def validate(cfg: TrainConfig) -> None:
     positive = ["sft_batch", "prompts_per_step", "group_size", "max_new_tokens", "max_turns", "kv_cache_tokens",
                 "tool_concurrency", "micro_batch_tokens", "eval_prompts", "eval_every", "checkpoint_every",
-                "keep_checkpoints"]
+                "keep_checkpoints", "expert_parallel", "context_parallel"]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ValueError(f"config key {key!r} must be positive, got {getattr(cfg, key)}")

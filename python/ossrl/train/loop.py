@@ -193,7 +193,7 @@ def sft_step(model, optimizer, batch: dict, grad_clip: float, dp: DataParallel) 
         loss = -(logp * batch["mask"]).sum() / max(total, 1.0)
         loss.backward()
     dp.reduce_grads(model)
-    torch.nn.utils.clip_grad_norm_(trainable(model), grad_clip)
+    dp.clip_grads(model, grad_clip)
     optimizer.step()
     return dp.sum([loss.item()], device)[0]
 
@@ -216,23 +216,36 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
     over every loss token of the global batch (DAPO's token-level aggregation)."""
     (total,) = dp.sum([sum(sum(t.loss_mask[1:]) for t in trajs)], device)
     total = total or 1
+    # Context parallelism: the ranks of a block train on the union of their trajectories, each on
+    # 1/C of every micro-batch's tokens (so a micro-batch may hold C times the per-rank budget).
+    peers = dp.context_peers(list(zip(trajs, advantages)))
+    trajs, advantages = [t for p in peers for t, _ in p], [a for p in peers for _, a in p]
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     loss_value, gap_max, agree, compared = 0.0, 0.0, 0.0, 0.0
     mc = model.config  # FSDP2 keeps the module (and its config); dp does not wrap
     routing_shape = (mc.num_hidden_layers, mc.num_experts_per_tok)
-    batches = micro_batches(trajs, cfg.micro_batch_tokens)
+    batches = micro_batches(trajs, cfg.micro_batch_tokens * dp.cp)
     for k in dp.passes(model, len(batches)):
         if k is None:  # FSDP: as many passes as the busiest rank, these add zeros
             padding_pass(model)
             continue
         idx = batches[k]
         b = pack([trajs[i] for i in idx], device, routing_shape=routing_shape)
-        adv = torch.repeat_interleave(
+        b["adv"] = torch.repeat_interleave(
             torch.tensor([advantages[i] for i in idx], dtype=torch.float32, device=device),
             (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).long())
+        shard = dp.context_shard(b["cu_seqlens"])
+        if shard is not None:  # this rank's tokens of the micro-batch
+            b.update({key: shard.local(b[key]) for key in ("ids", "targets", "mask", "rollout_logprobs", "adv",
+                                                             "routing") if key in b},
+                     cu_seqlens=shard.cu_seqlens_q, max_seqlen=shard.max_q)
+        adv = b["adv"]
         tape = RoutingTape(b.get("routing"), replay=cfg.routing_replay)
-        with model.routing_tape(tape):  # around the backward too: checkpointed layers re-route
+        contexts = [m.context_shard(shard) for m in (model, ref_model) if m is not None]
+        with model.routing_tape(tape), contextlib.ExitStack() as stack:  # around the backward too
+            for c in contexts:
+                stack.enter_context(c)
             with activations_on_host(cfg.offload_activations):
                 logp = model.token_logprobs(b["ids"], b["cu_seqlens"], b["targets"], max_seqlen=b["max_seqlen"])
             # One update per rollout batch: the trainer's log-probs before it ARE this forward's.
@@ -248,7 +261,7 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
             sums[k] = sums.get(k, 0.0) + st[k] * share
         gap_max = max(gap_max, st["logprob_gap_max"])
     dp.reduce_grads(model)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip)
+    grad_norm = dp.clip_grads(model, cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     finite = bool(torch.isfinite(grad_norm))  # the same on every rank: the norm of the summed gradients
     if finite:
@@ -310,7 +323,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     (rank 0 writes the metrics and checkpoints). ``task``: what to train on (default: the one
     the config describes, see :func:`ossrl.train.task.build_task`)."""
     task = task if task is not None else build_task(cfg)  # every task error before any model is built
-    dp = make_parallel(cfg.parallel)
+    dp = make_parallel(cfg.parallel, cfg.expert_parallel, cfg.context_parallel)
     log = log if dp.main else (lambda *a, **k: None)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -318,7 +331,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     device, _ = _device_dtype(cfg)
     model, tokenizer = build(cfg)
     model.activation_checkpointing = cfg.activation_checkpointing
-    engine_model = rollout_copy(model, cfg, replica=dp.sharded)
+    engine_model = rollout_copy(model, cfg, replica=dp.sharded or dp.ep > 1)  # the engine needs every expert
     # The KL reference: the post-warm-up policy (a frozen copy, sharded like the trainer; in LoRA
     # mode the base model itself). Copied before sharding, filled after the warm-up.
     ref_model = copy.deepcopy(model).requires_grad_(False).eval() if cfg.loss.kl_coef and not cfg.lora_rank else None
@@ -340,7 +353,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     start_step, sft_done = 0, False
     carry: list[Group] = []  # this rank's unfinished groups, resumed next step
     next_group = 0  # this rank's groups started so far; group numbers are next_group * world + rank
-    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.sft_lr, weight_decay=cfg.weight_decay,
+                                  **dp.optimizer_options())
     last = checkpoint.latest(ckpt_dir) if resume else None
     if last is not None:
         state, tensors, optim = checkpoint.load(last)
@@ -419,7 +433,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         # RL gets an optimizer of its own: Adam's second moments from the warm-up (its large early
         # gradients, remembered over ~1/(1-beta2) = 1000 steps) would otherwise set the size of
         # the first RL updates.
-        optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      **dp.optimizer_options())
         rate = evaluate(0)
         log(f"after warm-up: held-out success rate {rate:.3f}")
         if ref_model is not None:

@@ -8,6 +8,21 @@ batch. Two ways to hold the trainer's weights:
 - ``FullyShardedDataParallel``: FSDP2, every rank holds 1/N of each parameter
   (``ossrl.train.fsdp``); the engine gets its own full replica, refreshed in place from the
   shards by a reshard plan after every optimizer step.
+
+Two more dimensions, on top of either (see :mod:`ossrl.model.distributed` for the layers):
+
+- ``expert_parallel = E``: consecutive blocks of E ranks split every MoE layer's experts; each
+  expert's weights are a ``Shard(0)`` DTensor on the block's 1-D mesh (replicated across the
+  world // E blocks, whose expert gradients are summed). The engine gets a full replica,
+  refreshed from the expert shards by the same reshard plan as FSDP's (an all-gather per bucket),
+  so the rollout costs one full copy of the experts per rank.
+- ``context_parallel = C``: consecutive blocks of C ranks train on the union of their
+  trajectories, each rank on a contiguous 1/C of every packed micro-batch's tokens (so one
+  trajectory may be C times longer than one rank could hold). Rollout stays data parallel over
+  every rank (each rank's engine generates its own groups).
+
+Losses are divided by the global loss-token count and gradients summed over all ranks, so every
+layout computes what one process computes on the same global batch.
 """
 
 from __future__ import annotations
@@ -21,7 +36,7 @@ import torch.distributed as dist
 class DataParallel:
     sharded = False
 
-    def __init__(self):
+    def __init__(self, expert_parallel: int = 1, context_parallel: int = 1):
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
             if torch.cuda.is_available():
@@ -29,6 +44,22 @@ class DataParallel:
         self.on = dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.on else 0
         self.world = dist.get_world_size() if self.on else 1
+        self.ep, self.cp = expert_parallel, context_parallel
+        for n, key in ((self.ep, "expert_parallel"), (self.cp, "context_parallel")):
+            if n < 1 or self.world % n:
+                raise ValueError(f"{key}={n} must divide the number of processes ({self.world}; "
+                                 f"launch with torchrun --nproc-per-node N)")
+        self.ep_mesh = self.cp_group = None
+        if self.ep > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.ep_mesh = init_device_mesh(_device().type, (self.world // self.ep, self.ep),
+                                            mesh_dim_names=("replica", "ep"))
+        if self.cp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.cp_group = init_device_mesh(_device().type, (self.world // self.cp, self.cp),
+                                             mesh_dim_names=("dp", "cp"))["cp"].get_group()
 
     @property
     def main(self) -> bool:
@@ -55,28 +86,60 @@ class DataParallel:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
-    def gather(self, obj) -> list:
-        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    def gather(self, obj, group=None) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank (of ``group``)."""
         if not self.on:
             return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
+        out = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
         return out
 
     def sum_grads(self, model: torch.nn.Module) -> None:
-        """One all-reduce over every gradient, flattened into a single buffer."""
+        """One all-reduce over every gradient, flattened into a single buffer; expert shards
+        (DTensors) over the ranks holding the same experts."""
         if not self.on:
             return
         for p in model.parameters():  # a rank with nothing to train on this step adds zeros
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        plain = [g for g in grads if not hasattr(g, "to_local")]
+        shards = [g.to_local() for g in grads if hasattr(g, "to_local")]
+        _all_reduce_flat(plain, None)
+        if shards and self.world > self.ep:
+            _all_reduce_flat(shards, self.ep_mesh["replica"].get_group())
+
+    def clip_grads(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        """Scales the gradients to a total 2-norm of at most max_norm (the norm over the whole
+        model: expert shards counted once each) and returns the norm before scaling."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        if self.ep == 1:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        sq = [p.grad.float().pow(2).sum() for p in params if not hasattr(p.grad, "to_local")]
+        shard_sq = torch.stack([p.grad.to_local().float().pow(2).sum() for p in params
+                                if hasattr(p.grad, "to_local")] or [torch.zeros((), device=_device())])
+        shard_sq = shard_sq.sum().to(_device())
+        dist.all_reduce(shard_sq, group=self.ep_mesh["ep"].get_group())  # each block holds every expert once
+        norm = (torch.stack(sq).sum().to(shard_sq.device) + shard_sq).sqrt() if sq else shard_sq.sqrt()
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in params:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            g.mul_(scale.to(g.device, g.dtype))
+        return norm
+
+    # ---- context parallelism ----
+
+    def context_peers(self, obj) -> list:
+        """``obj`` of every rank in this rank's context-parallel block, in rank order."""
+        return [obj] if self.cp_group is None else self.gather(obj, self.cp_group)
+
+    def context_shard(self, cu_seqlens: torch.Tensor):
+        """This rank's piece of a packed batch of its block (None without context parallelism)."""
+        if self.cp_group is None:
+            return None
+        from ..model.distributed import ContextShard
+
+        return ContextShard(self.cp_group, cu_seqlens)
 
     def barrier(self) -> None:
         if self.on:
@@ -84,7 +147,13 @@ class DataParallel:
 
     # ---- what the loop calls, the same for both ways ----
 
+    def optimizer_options(self) -> dict:
+        # foreach kernels cannot mix DTensors (the expert shards) and plain tensors in one call
+        return {"foreach": False} if self.ep > 1 else {}
+
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.ep > 1:
+            shard_experts(model, self.ep_mesh["ep"])
         return model
 
     def passes(self, model: torch.nn.Module, n: int):
@@ -98,9 +167,18 @@ class DataParallel:
     def state_dicts(self, model, optimizer) -> tuple[dict, dict]:
         """Full model tensors and optimizer state for a checkpoint (rank 0 writes them; other
         ranks may get empty dicts). optimizer may be None."""
+        if self.ep > 1:  # expert shards gathered whole, as FSDP's are
+            from .fsdp import full_state_dicts
+
+            return full_state_dicts(model, optimizer)
         return model.state_dict(), optimizer.state_dict() if optimizer is not None else {}
 
     def load_state_dicts(self, model, optimizer, tensors: dict, optim: dict | None) -> None:
+        if self.ep > 1:
+            from .fsdp import load_full_state_dicts
+
+            load_full_state_dicts(model, optimizer, tensors, optim or {})
+            return
         model.load_state_dict(tensors)
         if optim is not None:
             optimizer.load_state_dict(optim)
@@ -109,10 +187,13 @@ class DataParallel:
 class FullyShardedDataParallel(DataParallel):
     sharded = True
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, expert_parallel: int = 1, context_parallel: int = 1):
+        super().__init__(expert_parallel, context_parallel)
         if not self.on:
             raise ValueError("parallel = 'fsdp' needs several processes (torchrun --nproc-per-node N)")
+        if self.ep > 1:
+            raise ValueError("expert_parallel with parallel = 'fsdp' is not supported yet: use parallel = 'dp' "
+                             "(the experts are still split across ranks; the dense weights are replicated)")
 
     def prepare(self, model):
         from .fsdp import shard_model
@@ -139,5 +220,46 @@ class FullyShardedDataParallel(DataParallel):
         load_full_state_dicts(model, optimizer, tensors, optim or {})
 
 
-def make_parallel(kind: str) -> DataParallel:
-    return FullyShardedDataParallel() if kind == "fsdp" else DataParallel()
+def _device() -> torch.device:
+    """Where the default process group's collectives run: the current GPU for NCCL, else the CPU."""
+    if dist.is_initialized() and "nccl" in dist.get_backend():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def shard_experts(model: torch.nn.Module, mesh) -> None:
+    """Keeps this rank's experts of every MoE layer of ``model`` (the same full weights on every
+    rank, as after loading): each expert weight becomes a ``Shard(0)`` DTensor on the 1-D ``mesh``,
+    and each layer an :class:`~ossrl.model.distributed.ExpertShard` over its group."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from ..model.distributed import ExpertShard
+    from ..model.gpt_oss import MoE
+
+    for m in model.modules():
+        if not isinstance(m, MoE):
+            continue
+        shard = ExpertShard(mesh.get_group(), m.experts.gate_up_proj.shape[0])
+        lo = shard.rank * shard.local
+        for name, p in list(m.experts.named_parameters(recurse=False)):
+            local = p.detach()[lo: lo + shard.local].clone()
+            new = torch.nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False),
+                                     requires_grad=p.requires_grad)
+            setattr(m.experts, name, new)
+        m.expert_shard = shard
+
+
+def make_parallel(kind: str, expert_parallel: int = 1, context_parallel: int = 1) -> DataParallel:
+    cls = FullyShardedDataParallel if kind == "fsdp" else DataParallel
+    return cls(expert_parallel, context_parallel)
