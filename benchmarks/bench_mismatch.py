@@ -9,6 +9,13 @@ no-mismatch baseline. For each: the mean over the RL steps of ``mismatch_kl``, t
 per-token log-prob gap, ``routing_agreement`` and the truncated-IS fraction, and the loss curve.
 Then the cost of recording the routing: the bytes per token (layers x top_k, one byte each; for
 the GPT-OSS-20b and -120b configs too) and the engine's generation time with recording on and off.
+
+The effect on learning needs whole runs over several seeds; bench_learning makes them and this
+script compares their metrics:
+
+    python benchmarks/bench_learning.py --seeds 0,1,2 --out runs/r3_off rollout_dtype=bfloat16
+    python benchmarks/bench_learning.py --seeds 0,1,2 --out runs/r3_on rollout_dtype=bfloat16 routing_replay=true
+    python benchmarks/bench_mismatch.py --compare-runs runs/r3_off runs/r3_on
 """
 
 from __future__ import annotations
@@ -83,8 +90,44 @@ def recording_cost(a) -> dict:
             "bytes_per_token": sizes}
 
 
+def compare_runs(off: str, on: str) -> dict:
+    """Per seed of two bench_learning output folders (replay off, on): the step means of the
+    mismatch metrics, the mean reward of the first and last 10 steps and the held-out success."""
+    import glob
+
+    out = {}
+    for name, folder in (("off", off), ("on", on)):
+        for path in sorted(glob.glob(os.path.join(folder, "seed_*", "metrics.jsonl"))):
+            recs = [json.loads(line) for line in open(path)]
+            steps = [r for r in recs if "reward_mean" in r]
+            evals = [r["eval_success_rate"] for r in recs if "eval_success_rate" in r]
+
+            def mean(k, rs=steps):
+                v = [r[k] for r in rs if r.get(k) is not None]
+                return statistics.mean(v) if v else None
+            seed = int(path.split("seed_")[1].split(os.sep)[0])
+            out.setdefault(name, []).append({
+                "seed": seed, "steps": len(steps), "mismatch_kl": mean("mismatch_kl"),
+                "logprob_gap_max": max((r["logprob_gap_max"] for r in steps if r.get("logprob_gap_max") is not None),
+                                       default=None),
+                "routing_agreement": mean("routing_agreement"), "tis_truncated_frac": mean("tis_truncated_frac"),
+                "reward_first10": mean("reward_mean", steps[:10]), "reward_last10": mean("reward_mean", steps[-10:]),
+                "loss_mean": mean("loss"), "eval_start": evals[0] if evals else None,
+                "eval_end": evals[-1] if evals else None})
+    print(f"{'replay':<7} {'seed':>4} {'mismatch_kl':>12} {'max |gap|':>10} {'agreement':>10} {'TIS trunc':>10} "
+          f"{'reward 1-10':>12} {'reward last 10':>15} {'mean loss':>10} {'eval start':>11} {'eval end':>9}")
+    for name in ("off", "on"):
+        for r in out.get(name, []):
+            print(f"{name:<7} {r['seed']:>4} {r['mismatch_kl']:>12.2e} {r['logprob_gap_max']:>10.3f} "
+                  f"{r['routing_agreement']:>10.4f} {r['tis_truncated_frac']:>10.4f} {r['reward_first10']:>12.3f} "
+                  f"{r['reward_last10']:>15.3f} {r['loss_mean']:>10.4f} {r['eval_start']:>11.3f} {r['eval_end']:>9.3f}")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compare-runs", nargs=2, metavar=("OFF", "ON"),
+                   help="compare two bench_learning output folders (routing replay off / on) and exit")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--sft-steps", type=int, default=150)
     p.add_argument("--sft-batch", type=int, default=96)
@@ -93,6 +136,12 @@ def main():
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json")
     a = p.parse_args()
+    if a.compare_runs:
+        got = compare_runs(*a.compare_runs)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(got, f, indent=1)
+        return
     if a.threads:
         torch.set_num_threads(a.threads)
     tmp = tempfile.mkdtemp(prefix="bench-mismatch-")

@@ -182,3 +182,80 @@ def _bad_config_worker(rank: int, world: int) -> None:
 
 def test_bad_configurations_are_rejected():
     run_ranks(_bad_config_worker, 2)
+
+
+def _train_worker(rank: int, world: int, args: list[str]) -> None:
+    from ossrl.cli import main
+
+    assert main(["train", *args]) == 0
+
+
+def test_expert_parallel_checkpoint_resumes_the_run(tmp_path):
+    """Under expert_parallel=2 the checkpoint holds every expert whole (the shards gathered), and
+    --resume puts each rank's shard back: stopping after step 1 and resuming ends where the
+    uninterrupted run does."""
+    from safetensors.torch import load_file
+
+    args = ["sft_steps=4", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=100",
+            "checkpoint_every=1", "max_turns=2", "sft_batch=8", "filter_groups=false", "extra_groups=0",
+            "expert_parallel=2"]
+    run_ranks(_train_worker, 2, ["--run-dir", str(tmp_path / "straight"), "steps=2", *args])
+    run_ranks(_train_worker, 2, ["--run-dir", str(tmp_path / "split"), "steps=1", *args])
+    first = tmp_path / "split" / "checkpoints" / "step_00000001" / "model.safetensors"
+    written = first.stat().st_mtime_ns
+    run_ranks(_train_worker, 2, ["--run-dir", str(tmp_path / "split"), "--resume", "steps=2", *args])
+    assert first.stat().st_mtime_ns == written  # resumed after step 1, not started over
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step_00000002" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert a["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == 4  # whole, not one rank's half
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+
+
+def _uneven_step_worker(rank: int, world: int) -> None:
+    """The loop's train_step under expert_parallel=2 with a KL reference: rank 0 has three
+    micro-batches, rank 1 one (it pads with two passes, the reference forward included, or the
+    ranks' all-to-alls pair up wrongly); the step equals one process's on all trajectories."""
+    from ossrl.model import GptOss, GptOssConfig
+    from ossrl.rollout.agent import Trajectory
+    from ossrl.train.config import TrainConfig
+    from ossrl.train.loop import train_step
+    from ossrl.train.parallel import DataParallel
+
+    torch.manual_seed(0)
+    base = GptOss(GptOssConfig.tiny())
+    g = torch.Generator().manual_seed(3)
+    trajs = []
+    for n in (30, 28, 33, 25):
+        tokens = torch.randint(0, base.config.vocab_size, (n,), generator=g).tolist()
+        mask = [0] * 10 + [1] * (n - 10)
+        trajs.append(Trajectory(tokens=tokens, loss_mask=mask,
+                                rollout_logprobs=[-(m * 0.5) for m in mask]))
+    adv = [1.0, -0.5, 0.25, -0.75]
+    cfg = TrainConfig(micro_batch_tokens=40)
+    assert cfg.loss.kl_coef > 0
+
+    def step(model, dp, mine, a):
+        ref = dp.prepare(copy.deepcopy(base).requires_grad_(False))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-3, **dp.optimizer_options())
+        return train_step(model, opt, mine, a, cfg, torch.device("cpu"), dp, ref_model=ref)
+
+    one = DataParallel()
+    one.on, one.world, one.rank = False, 1, 0  # this process alone, all four trajectories
+    ref_model = copy.deepcopy(base)
+    expected = step(ref_model, one, trajs, adv)
+    dp = DataParallel(2, 1)
+    model = dp.prepare(copy.deepcopy(base))
+    mine = [0, 1, 2] if rank == 0 else [3]
+    got = step(model, dp, [trajs[i] for i in mine], [adv[i] for i in mine])
+    for k in ("loss", "kl", "grad_norm"):
+        assert got[k] == pytest.approx(expected[k], rel=1e-5, abs=1e-7), (k, got, expected)
+    params = dict(model.named_parameters())
+    for k, p in ref_model.named_parameters():
+        torch.testing.assert_close(_full(params[k].detach()), p.detach(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{k}: {m}")
+
+
+def test_expert_parallel_pads_uneven_micro_batches():
+    run_ranks(_uneven_step_worker, 2, timeout=120)

@@ -106,13 +106,19 @@ def equal_micro_batches(n_local: int) -> int:
     return int(t.item())
 
 
-def padding_pass(model: GptOss) -> None:
+def padding_pass(model: GptOss, reference=None) -> None:
     """A forward/backward on one token whose loss is multiplied by 0: it issues the same
-    collectives as a real micro-batch and adds exact zeros to every gradient."""
+    collectives as a real micro-batch and adds exact zeros to every gradient. ``reference``: also
+    a no-grad forward of that model (what a real pass with a KL term runs; it issues collectives
+    too: FSDP's all-gathers, expert parallelism's all-to-alls), run in the same order as there."""
     device = next(model.parameters()).device
     ids = torch.zeros(1, dtype=torch.int64, device=device)
     cu = torch.tensor([0, 1], dtype=torch.int32, device=device)
-    (model.token_logprobs(ids, cu, ids, max_seqlen=1).sum() * 0.0).backward()
+    loss = model.token_logprobs(ids, cu, ids, max_seqlen=1).sum() * 0.0
+    if reference is not None:  # between the forward and the backward, as in a real pass
+        with torch.no_grad():
+            reference(ids, cu, ids, max_seqlen=1)
+    loss.backward()
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -198,16 +198,23 @@ def sft_step(model, optimizer, batch: dict, grad_clip: float, dp: DataParallel) 
     return dp.sum([loss.item()], device)[0]
 
 
+def _reference_forward(model, ref_model):
+    """``token_logprobs`` of the reference policy: the base model with the adapters switched off in
+    LoRA mode (no extra memory), else a frozen copy of the post-warm-up weights."""
+    if ref_model is not None:
+        return ref_model.token_logprobs
+
+    def base(*args, **kwargs):
+        with adapters_disabled(model):
+            return model.token_logprobs(*args, **kwargs)
+    return base
+
+
 def reference_logprobs(model, ref_model, batch: dict) -> torch.Tensor | None:
-    """Log-probs under the reference policy for the KL penalty: the base model with the adapters
-    switched off in LoRA mode (no extra memory), else a frozen copy of the post-warm-up weights."""
+    """Log-probs under the reference policy for the KL penalty (see :func:`_reference_forward`)."""
     with torch.no_grad():
-        if ref_model is None:
-            with adapters_disabled(model):
-                return model.token_logprobs(batch["ids"], batch["cu_seqlens"], batch["targets"],
-                                            max_seqlen=batch["max_seqlen"])
-        return ref_model.token_logprobs(batch["ids"], batch["cu_seqlens"], batch["targets"],
-                                        max_seqlen=batch["max_seqlen"])
+        return _reference_forward(model, ref_model)(batch["ids"], batch["cu_seqlens"], batch["targets"],
+                                                    max_seqlen=batch["max_seqlen"])
 
 
 def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp: DataParallel,
@@ -227,8 +234,8 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
     routing_shape = (mc.num_hidden_layers, mc.num_experts_per_tok)
     batches = micro_batches(trajs, cfg.micro_batch_tokens * dp.cp)
     for k in dp.passes(model, len(batches)):
-        if k is None:  # FSDP: as many passes as the busiest rank, these add zeros
-            padding_pass(model)
+        if k is None:  # FSDP, expert parallelism: as many passes as the busiest rank, these add zeros
+            padding_pass(model, _reference_forward(model, ref_model) if cfg.loss.kl_coef else None)
             continue
         idx = batches[k]
         b = pack([trajs[i] for i in idx], device, routing_shape=routing_shape)

@@ -159,7 +159,11 @@ class DataParallel:
     def passes(self, model: torch.nn.Module, n: int):
         """Indices of this rank's n micro-batches, then None for padding passes where a way needs
         every rank to run as many forward/backward passes as the busiest one."""
-        return iter(range(n))
+        if self.ep == 1:
+            return iter(range(n))
+        from .fsdp import equal_micro_batches  # every pass's all-to-alls need the whole block
+
+        return (i if i < n else None for i in range(equal_micro_batches(n)))
 
     def reduce_grads(self, model: torch.nn.Module) -> None:
         self.sum_grads(model)
