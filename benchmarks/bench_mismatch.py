@@ -3,8 +3,8 @@
     python benchmarks/bench_mismatch.py [--steps 10] [--json results.json]
 
 The default task with the tiny model, a bf16 rollout copy and the fp32 trainer (where routing
-flips happen: the two pick different experts when router logits nearly tie), with
-``routing_replay`` off and on, and the fp32 engine sharing the trainer's modules as the
+flips happen: the two pick different experts when router logits nearly tie), and a bf16 trainer
+with its bf16 rollout copy, each with ``routing_replay`` off and on, and the fp32 engine sharing the trainer's modules as the
 no-mismatch baseline. For each: the mean over the RL steps of ``mismatch_kl``, the largest
 per-token log-prob gap, ``routing_agreement`` and the truncated-IS fraction, and the loss curve.
 Then the cost of recording the routing: the bytes per token (layers x top_k, one byte each; for
@@ -148,7 +148,11 @@ def main():
     a.model_dir = "tiny" if a.model == "tiny" else model_folder(a.model, os.path.join(tmp, a.model))
     configs = [("fp32 engine = trainer (baseline)", {}),
                ("bf16 rollout, fp32 trainer", {"rollout_dtype": "bfloat16"}),
-               ("bf16 rollout, fp32 trainer, replay", {"rollout_dtype": "bfloat16", "routing_replay": True})]
+               ("bf16 rollout, fp32 trainer, replay", {"rollout_dtype": "bfloat16", "routing_replay": True}),
+               # the same bf16 weights on both sides: what is left is the kernels and batch layouts
+               ("bf16 rollout, bf16 trainer", {"dtype": "bfloat16", "rollout_dtype": "bfloat16"}),
+               ("bf16 rollout, bf16 trainer, replay", {"dtype": "bfloat16", "rollout_dtype": "bfloat16",
+                                                       "routing_replay": True})]
     rows = [run_config(n, o, a) for n, o in configs]
     cost = recording_cost(a)
     print(f"torch {torch.__version__} | {a.model} model | {a.sft_steps} warm-up steps, {a.steps} RL steps x 32 episodes, "
