@@ -162,10 +162,10 @@ _EXIT_VIOLATION = 101
 _EXIT_MEMORY = 102
 _EXIT_SETUP = 103
 
-_BOOTSTRAP = (Path(__file__).parent / "sandbox_bootstrap.py").read_text()
-
 # The bootstrap runs inside the sandboxed interpreter (python -I -S -c). It reads the model's code
-# from stdin, applies the layers described in the module docstring, and runs the code.
+# from stdin, applies the layers described in the module docstring, and runs the code. The audit
+# hook's text comes first (the bootstrap installs it); a warm pool's zygote appends its own.
+_BOOTSTRAP = "".join((Path(__file__).parent / f).read_text() for f in ("sandbox_hook.py", "sandbox_bootstrap.py"))
 
 
 class _LoopLocalSemaphore:
