@@ -94,6 +94,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from .sandbox_pool import PoolError, run_pooled
 from .tool_result import (CPU_LIMIT, CRASH, EXCEPTION, MEMORY_LIMIT, NONZERO_EXIT, OUTPUT_TOO_LARGE,
                           SANDBOX_ERROR, SANDBOX_VIOLATION, TIMEOUT, BAD_ARGUMENTS, ToolResult)
 
@@ -132,13 +133,16 @@ class SandboxConfig:
     python: str = ""  # interpreter; default: sys.executable
     extra_read_paths: tuple[str, ...] = ()  # more read-only paths (files or directories)
     extra_sys_path: tuple[str, ...] = ()  # directories put on sys.path (and made readable)
+    pool: bool = True  # fork each call from a warm zygote (sandbox_pool.py); False: a new interpreter per call
+    pool_idle_seconds: float = 30.0  # a zygote without calls for this long is stopped (restarted on demand)
+    pool_memory_bytes: int = 256 * _MiB  # RLIMIT_AS of the zygote itself (about 25 MiB resident)
 
     def __post_init__(self):
         unknown = [r for r in self.require if r not in LAYERS]
         if unknown:
             raise ValueError(f"SandboxConfig.require: unknown layer(s) {unknown}; known: {list(LAYERS)}")
         for name in ("memory_bytes", "cpu_seconds", "file_size_bytes", "disk_bytes", "max_files",
-                     "max_open_files", "max_code_bytes"):
+                     "max_open_files", "max_code_bytes", "pool_idle_seconds", "pool_memory_bytes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
                 raise ValueError(f"SandboxConfig.{name} must be a positive number, got {v!r}")
@@ -311,13 +315,23 @@ async def run_sandboxed(
     sem = slots if slots is not None else _DEFAULT_SANDBOX_SLOTS.get()
     async with sem:
         t0 = time.monotonic()  # the timeout and the reported time cover the run, not the queue
+        if cfg.pool:
+            return await _run_in_pool(data, cfg, timeout, max_output_chars, result)
         return await _run_in_process(data, cfg, timeout, max_output_chars, result)
 
 
-async def _spawn(cfg: SandboxConfig, tmp: str, read_paths: list[str], require: bool = True):
-    """Start the bootstrap in a new session, cwd the temporary directory, minimal environment."""
+async def _run_in_pool(data: bytes, cfg: SandboxConfig, timeout: float, limit: int, result) -> ToolResult:
+    try:
+        rc, out, err, timed_out, overflow = await run_pooled(data, cfg, timeout, limit)
+    except (PoolError, OSError) as e:
+        return result(False, f"Error: the sandbox pool could not run the code: {type(e).__name__}: {e}", SANDBOX_ERROR)
+    return _classify(rc, out, err, timed_out, overflow, timeout, limit, cfg, result)
+
+
+def _bootstrap_config(cfg: SandboxConfig, tmp: str, read_paths: list[str], require: bool) -> dict:
+    """What the bootstrap reads from its argv (see sandbox_bootstrap.py)."""
     tmp_real = os.path.realpath(tmp)
-    bcfg = {
+    return {
         "tmp": tmp_real,
         "read_paths": [p for p in read_paths if p != tmp_real],
         "extra_sys_path": [os.path.realpath(p) for p in cfg.extra_sys_path],
@@ -336,8 +350,17 @@ async def _spawn(cfg: SandboxConfig, tmp: str, read_paths: list[str], require: b
         "audit_hook": bool(cfg.audit_hook),
         "require": list(cfg.require) if require else [],
     }
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": tmp_real,
-           "TMPDIR": tmp_real}
+
+
+def _environment(tmp: str) -> dict:
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp}
+
+
+async def _spawn(cfg: SandboxConfig, tmp: str, read_paths: list[str], require: bool = True):
+    """Start the bootstrap in a new session, cwd the temporary directory, minimal environment."""
+    tmp_real = os.path.realpath(tmp)
+    bcfg = _bootstrap_config(cfg, tmp_real, read_paths, require)
+    env = _environment(tmp_real)
     return await asyncio.create_subprocess_exec(
         cfg.interpreter(), "-I", "-S", "-B", "-u", "-c", _BOOTSTRAP, json.dumps(bcfg),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -520,6 +543,14 @@ def _exposed(layers: dict) -> list[str]:
 
 
 async def _probe(cfg: SandboxConfig) -> dict:
+    if cfg.pool:  # what a pool child gets
+        try:
+            _, _, err, timed_out, _ = await run_pooled(b"pass\n", cfg, 30.0, 1 << 16, require=False)
+        except (PoolError, OSError) as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+        if err.startswith(_MARKER):
+            return json.loads(err.partition(b"\n")[0][len(_MARKER):])
+        return {"error": "probe timed out" if timed_out else err.decode("utf-8", "replace")[-2000:]}
     read_paths = await asyncio.get_running_loop().run_in_executor(None, _read_paths, cfg)
     tmp = tempfile.mkdtemp(prefix="ossrl-sandbox-")
     try:

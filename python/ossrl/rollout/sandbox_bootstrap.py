@@ -329,15 +329,14 @@ def _seccomp(ctypes, libc):
              (JEQ, 0, 1, 0), (RET, 0, 0, ALLOW), (RET, 0, 0, ERRNO)]
     prog += [(RET, 0, 0, ALLOW)]
 
-    class Insn(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                    ("k", ctypes.c_uint32)]
+    import struct  # the program as bytes: one ctypes object per instruction costs milliseconds
+    code = b"".join([struct.pack("=HBBI", *i) for i in prog])
+    buf = ctypes.create_string_buffer(code, len(code))
 
     class Prog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
-    insns = (Insn * len(prog))(*[Insn(*i) for i in prog])
-    fprog = Prog(len(prog), insns)
+    fprog = Prog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
     UL = ctypes.c_ulong
     PR_SET_SECCOMP, PR_GET_SECCOMP, MODE_FILTER = 22, 21, 2
     if libc.prctl(ctypes.c_int(PR_SET_SECCOMP), UL(MODE_FILTER), ctypes.byref(fprog), UL(0),
