@@ -7,7 +7,11 @@ Each call runs ``<python> -I -S -B -u -c <bootstrap>`` (the bootstrap is ``sandb
 in a new session with a minimal environment and a fresh temporary working directory. No
 environment variables, site-packages or user site are used. Before the model's code runs, the
 bootstrap applies these layers, each on its own (one that the kernel refuses does not stop the
-others), in this order:
+others), in this order. With ``SandboxConfig(pool=True)``, the default, the call is instead a
+child forked from a warm zygote of that same interpreter (``sandbox_pool.py``): the zygote holds
+namespaces and read-only mounts ready, and the child applies every per-call layer itself (its own
+mount and network namespaces, tmpfs, Landlock, uid, rlimits, seccomp, hook) before the code runs,
+so each call gets the same layers at a small fraction of the cost:
 
 1. Namespaces: a new network namespace (no network at all) and a new mount namespace, with
    ``unshare`` as root, otherwise inside a new user namespace where unprivileged ones are
@@ -79,13 +83,11 @@ reachable through the allowed system calls. Use a container or VM for stronger i
 from __future__ import annotations
 
 import asyncio
-import glob
 import json
 import math
 import os
 import shutil
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -94,6 +96,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from .sandbox_paths import _package_dirs, _read_paths, _rmtree  # noqa: F401 (tests use _rmtree)
 from .sandbox_pool import PoolError, run_pooled
 from .tool_result import (CPU_LIMIT, CRASH, EXCEPTION, MEMORY_LIMIT, NONZERO_EXIT, OUTPUT_TOO_LARGE,
                           SANDBOX_ERROR, SANDBOX_VIOLATION, TIMEOUT, BAD_ARGUMENTS, ToolResult)
@@ -151,13 +154,6 @@ class SandboxConfig:
         return self.python or sys.executable or shutil.which("python3") or "python3"
 
 
-# Read-only locations besides the interpreter's own sys.path (the standard library).
-_SYSTEM_READ_DIRS = (
-    "/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/local/lib",
-    "/usr/share/zoneinfo",
-)
-_SYSTEM_READ_FILES = ("/etc/ld.so.cache", "/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
-
 _MARKER = b"\x1eOSSRL-SANDBOX "
 
 # Exit statuses the bootstrap uses for its own verdicts.
@@ -191,90 +187,6 @@ class _LoopLocalSemaphore:
 
 
 _DEFAULT_SANDBOX_SLOTS = _LoopLocalSemaphore(max(4, 2 * (os.cpu_count() or 2)))
-
-
-def _read_paths(config: SandboxConfig) -> list[str]:
-    """Read-only paths of the sandbox: the interpreter's standard library (asked from the
-    interpreter itself, cached), system library directories and the configured extras."""
-    py = config.interpreter()
-    paths = list(_stdlib_paths(py))
-    paths += [p for p in _SYSTEM_READ_DIRS + _SYSTEM_READ_FILES if os.path.exists(p)]
-    for p in tuple(config.extra_read_paths) + tuple(config.extra_sys_path):
-        paths.append(os.path.realpath(p))
-    out: list[str] = []
-    for p in paths:
-        if p not in out:
-            out.append(p)
-    return out
-
-
-def _package_dirs(config: SandboxConfig, read_paths: list[str]) -> list[str]:
-    """site-packages / dist-packages directories inside the readable set (a standard-library
-    directory holds one): covered by empty mounts so that only the standard library imports.
-    Directories the config names (``extra_sys_path``, ``extra_read_paths``) stay visible."""
-    cands = []
-    for p in read_paths:
-        cands += [os.path.join(p, "site-packages"), os.path.join(p, "dist-packages")]
-    for root in ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib"):
-        cands += glob.glob(root + "/python3*/site-packages") + glob.glob(root + "/python3*/dist-packages")
-    keep = [os.path.realpath(p) for p in tuple(config.extra_sys_path) + tuple(config.extra_read_paths)]
-    out: list[str] = []
-    for c in cands:
-        if not os.path.isdir(c):
-            continue
-        r = os.path.realpath(c)
-        if r not in out and not any(k == r or k.startswith(r + "/") for k in keep):
-            out.append(r)
-    return out
-
-
-_STDLIB_CACHE: dict[str, tuple[str, ...]] = {}
-_STDLIB_LOCK = threading.Lock()
-
-
-def _stdlib_paths(python: str) -> tuple[str, ...]:
-    with _STDLIB_LOCK:
-        hit = _STDLIB_CACHE.get(python)
-    if hit is not None:
-        return hit
-    import subprocess
-
-    # exactly the sys.path the sandboxed interpreter will have (python -I -S): the standard library
-    out = subprocess.run([python, "-I", "-S", "-c", "import sys, json; print(json.dumps(sys.path))"],
-                         capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, check=True)
-    cand = json.loads(out.stdout)
-    res = []
-    for p in cand:
-        if p and os.path.exists(p):
-            rp = os.path.realpath(p)
-            if rp not in res:
-                res.append(rp)
-    hit = tuple(res)
-    with _STDLIB_LOCK:
-        _STDLIB_CACHE[python] = hit
-    return hit
-
-
-def _rmtree(path: str) -> None:
-    """Removes a sandbox's temporary directory, following nothing the sandbox made: a path that
-    failed is made writable only if it is a real directory (not a symlink) inside ``path``."""
-    root = os.path.realpath(path)
-
-    def onerror(func, p, exc_info):  # read-only directories made by the code: fix and retry
-        try:
-            target = p if stat.S_ISDIR(os.lstat(p).st_mode) else os.path.dirname(p)
-            st = os.lstat(target)
-            real = os.path.realpath(target)
-            if stat.S_ISDIR(st.st_mode) and (real == root or real.startswith(root + os.sep)):
-                os.chmod(target, 0o700)  # a real directory: chmod does not follow anything
-                func(p)
-        except OSError:
-            pass
-
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=lambda func, p, exc: onerror(func, p, None))
-    else:
-        shutil.rmtree(path, onerror=onerror)
 
 
 def _kill_group(proc) -> None:

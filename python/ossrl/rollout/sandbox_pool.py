@@ -216,7 +216,7 @@ class _Pool:
         with self._lock:
             z = self.current()
             if z is None:
-                from .sandbox import _read_paths
+                from .sandbox_paths import _read_paths
 
                 z = self.zygote = Zygote(self.cfg, _read_paths(self.cfg), self.cfg.pool_idle_seconds)
                 self.starts += 1
@@ -340,7 +340,7 @@ async def run_pooled(data: bytes, cfg, timeout: float, limit: int, *, require: b
     """Runs ``data`` in a child of the configuration's zygote. Returns ``(rc, stdout, stderr,
     timed_out, overflow)`` for ``sandbox._classify``; raises PoolError if the pool cannot run it.
     The child is killed on every way out (timeout, output flood, cancellation)."""
-    from .sandbox import _rmtree
+    from .sandbox_paths import _rmtree
 
     loop = asyncio.get_running_loop()
     pool = pool_for(cfg)
