@@ -359,9 +359,11 @@ async def _run_in_process(data: bytes, cfg: SandboxConfig, timeout: float, limit
 
 
 def _classify(rc, out: bytes, err: bytes, timed_out: bool, overflow: bool, timeout: float, limit: int,
-              cfg: SandboxConfig, result) -> ToolResult:
-    status: dict = {}
-    if err.startswith(_MARKER):
+              cfg: SandboxConfig, result, status: dict | None = None) -> ToolResult:
+    """The result of a run; ``status``: the layers reported earlier (a session's later cells),
+    else read from the marker line at the start of ``err``."""
+    status = dict(status or {})
+    if not status and err.startswith(_MARKER):
         line, _, err = err.partition(b"\n")
         try:
             status = json.loads(line[len(_MARKER):])

@@ -262,6 +262,26 @@ class _CallIO:
             os.set_blocking(fd, False)
             loop.add_reader(fd, self._read, fd)
 
+    def limit(self, limit: int) -> None:
+        """New budgets (a session's next cell)."""
+        self.budget = {self.out: limit, self.err: limit + 4096}
+        self.overflow = False
+
+    def drain(self) -> None:
+        """Reads what the pipes hold now (a session cell's output, written before its answer)."""
+        for fd in list(self._open):
+            while fd in self._open and not self.overflow:
+                before = len(self.bufs[fd])
+                self._read(fd)
+                if len(self.bufs[fd]) == before:
+                    break
+
+    def take(self) -> tuple[bytes, bytes]:
+        out, err = bytes(self.bufs[self.out]), bytes(self.bufs[self.err])
+        self.bufs[self.out].clear()
+        self.bufs[self.err].clear()
+        return out, err
+
     def feed(self, data: bytes) -> None:
         self._data = memoryview(data)
         os.set_blocking(self.w_in, False)
@@ -284,7 +304,7 @@ class _CallIO:
 
     def _close_stdin(self) -> None:
         if self.w_in >= 0:
-            if self._writing:
+            if self._writing and not self.loop.is_closed():
                 self.loop.remove_writer(self.w_in)
             os.close(self.w_in)
             self.w_in = -1
@@ -312,7 +332,8 @@ class _CallIO:
     def _close(self, fd: int) -> None:
         if fd in self._open:
             self._open.discard(fd)
-            self.loop.remove_reader(fd)
+            if not self.loop.is_closed():
+                self.loop.remove_reader(fd)
             os.close(fd)
         if not self._open and not self.eof.done():
             self.eof.set_result(None)

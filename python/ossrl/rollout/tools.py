@@ -53,6 +53,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 from .calculator import CalculatorError, calculator, evaluate_expression, format_number  # noqa: F401
 from .sandbox import (_DEFAULT_SANDBOX_SLOTS, SandboxConfig, _LoopLocalSemaphore, probe_sandbox,  # noqa: F401
                       run_sandboxed)
+from .sandbox_session import SandboxSession
 from .tool_result import (BAD_ARGUMENTS, CRASH, CPU_LIMIT, EXCEPTION, MEMORY_LIMIT, NONZERO_EXIT,  # noqa: F401
                           OUTPUT_TOO_LARGE, SANDBOX_ERROR, SANDBOX_VIOLATION, TIMEOUT, UNAVAILABLE,
                           UNKNOWN_TOOL, ToolCall, ToolResult)
@@ -237,9 +238,17 @@ class ToolRegistry:
         self._hung = _HungThreads()
         self._abandoned: set[asyncio.Future] = set()
         names = {"python", "calculator"} if builtins is True else set(builtins or ())
-        unknown = names - {"python", "calculator"}
+        unknown = names - {"python", "calculator", "python_session"}
         if unknown:
             raise ValueError(f"unknown built-in tools: {sorted(unknown)}")
+        self._session = SandboxSession(self.sandbox) if "python_session" in names else None
+        if self._session is not None:
+            self._tools["python_session"] = _Tool(
+                "python_session", None,
+                "Run Python code in a sandboxed interpreter kept for this whole episode, like a notebook: "
+                "variables, imports and files stay from one call to the next (no network, standard "
+                "library only). Returns what the code prints.",
+                _PYTHON_SCHEMA, True, None, "code", None, sandbox=True)
         if "python" in names:
             self._tools["python"] = _Tool(
                 "python", None,
@@ -433,7 +442,20 @@ class ToolRegistry:
                         + f"\n[output truncated: {len(text)} characters, limit {self.max_output_chars}]")
         return ToolResult(name, True, text, None, time.monotonic() - t0)
 
+    @property
+    def holds_session(self) -> bool:
+        """Whether this registry keeps a ``python_session`` interpreter (one registry per episode)."""
+        return self._session is not None
+
+    def close_sessions(self) -> None:
+        """Ends the ``python_session`` interpreter, if any (the episode ended or was paused); the
+        next call starts a fresh one. From any thread."""
+        if self._session is not None:
+            self._session.close()
+
     async def _call_sandbox(self, tool: _Tool, args: dict, limit: float, t0: float) -> ToolResult:
+        if tool.name == "python_session":  # one process, kept: no slot to wait for
+            return await self._session.run(args["code"], limit, self.max_output_chars)
         # run_sandboxed bounds its own run (timeout, then a kill). Waiting for a process slot is not
         # bounded on purpose: every process ahead in the queue is.
         return await run_sandboxed(args["code"], self.sandbox, timeout=limit,

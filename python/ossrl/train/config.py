@@ -28,7 +28,7 @@ class TrainConfig:
     sft_dataset: str = ""  # warm-up demonstrations: a "messages" column (OpenAI chat); none: no warm-up
     reward_funcs: list = field(default_factory=list)  # import paths "pkg.mod:fn"
     reward_weights: list = field(default_factory=list)  # one per reward function (default 1.0 each)
-    tools: list = field(default_factory=list)  # "calculator", "python" or import paths of functions
+    tools: list = field(default_factory=list)  # "calculator", "python", "python_session" or import paths of functions
     environment_factory: str = ""  # import path of a class: one instance per episode
     success_threshold: float = 1.0  # eval_success_rate: the fraction of episodes whose reward reaches this
     agent: str = ""  # import path of `async def fn(client, **row) -> float | None` (OpenAI API; ossrl.train.agents)

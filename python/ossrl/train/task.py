@@ -63,7 +63,7 @@ from .data import epoch_order, hash_split, load_rows
 
 __all__ = ["Task", "Episode", "build_task", "resolve", "TaskError", "env_tool_names"]
 
-BUILTIN_TOOLS = ("calculator", "python")
+BUILTIN_TOOLS = ("calculator", "python", "python_session")
 _NOT_TOOLS = {"reset", "get_reward", "close"}
 
 
@@ -167,6 +167,7 @@ class Episode:
     env_errors: int = 0
 
     def close(self) -> None:
+        self.registry.close_sessions()
         closer = getattr(self.env, "close", None)
         self.env = None
         if callable(closer):
@@ -212,7 +213,9 @@ class Task:
         return self.func_names + (["get_reward"] if has else [])
 
     def registry(self, env: Any = None) -> ToolRegistry:
-        if env is None and self._shared is not None:
+        # python_session keeps an interpreter per episode: such registries are never shared
+        shared = env is None and "python_session" not in self.tools
+        if shared and self._shared is not None:
             return self._shared
         reg = ToolRegistry(builtins=[t for t in self.tools if isinstance(t, str)], default_timeout=self.tool_timeout)
         for fn in self.tools:
@@ -224,7 +227,7 @@ class Task:
                 if s["name"] in self.env_tools:
                     reg.register(s["name"], getattr(env, s["name"]), description=s["description"],
                                  parameters_schema=s["parameters"])
-        else:
+        elif shared:
             self._shared = reg
         return reg
 
