@@ -96,6 +96,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import tool_metrics
 from .sandbox_paths import _package_dirs, _read_paths, _rmtree  # noqa: F401 (tests use _rmtree)
 from .sandbox_pool import PoolError, run_pooled
 from .tool_result import (CPU_LIMIT, CRASH, EXCEPTION, MEMORY_LIMIT, NONZERO_EXIT, OUTPUT_TOO_LARGE,
@@ -213,7 +214,7 @@ async def run_sandboxed(
     docstring). Returns stdout (then stderr) as content. Never raises, except CancelledError,
     and kills the process group on every way out."""
     cfg = config or SandboxConfig()
-    t0 = time.monotonic()
+    t0 = queued = time.monotonic()
 
     def result(ok: bool, content: str, error: str | None) -> ToolResult:
         return ToolResult(name, ok, content, error, time.monotonic() - t0)
@@ -227,9 +228,14 @@ async def run_sandboxed(
     sem = slots if slots is not None else _DEFAULT_SANDBOX_SLOTS.get()
     async with sem:
         t0 = time.monotonic()  # the timeout and the reported time cover the run, not the queue
-        if cfg.pool:
-            return await _run_in_pool(data, cfg, timeout, max_output_chars, result)
-        return await _run_in_process(data, cfg, timeout, max_output_chars, result)
+        tool_metrics.record_queue_wait(t0 - queued)
+        tool_metrics.sandbox_started()
+        try:
+            if cfg.pool:
+                return await _run_in_pool(data, cfg, timeout, max_output_chars, result)
+            return await _run_in_process(data, cfg, timeout, max_output_chars, result)
+        finally:
+            tool_metrics.sandbox_ended()
 
 
 async def _run_in_pool(data: bytes, cfg: SandboxConfig, timeout: float, limit: int, result) -> ToolResult:

@@ -184,6 +184,8 @@ class SandboxSession:
     def close(self) -> None:
         """Kills the session's process (its state is gone); from any thread. The next call starts anew."""
         with self._guard:
-            live = self._live
-        if live is not None:
-            live.zygote.kill(live.cid)
+            live, self._live = self._live, None
+        if live is not None and live.io.loop.is_closed():
+            self._forget(live)
+        elif live is not None:
+            live.zygote.kill(live.cid)  # its exit cleans up after it, on its loop

@@ -50,6 +50,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
+from . import tool_metrics
 from .calculator import CalculatorError, calculator, evaluate_expression, format_number  # noqa: F401
 from .sandbox import (_DEFAULT_SANDBOX_SLOTS, SandboxConfig, _LoopLocalSemaphore, probe_sandbox,  # noqa: F401
                       run_sandboxed)
@@ -336,6 +337,8 @@ class ToolRegistry:
                 raise
             return ToolResult(sname, False, f"Error: internal error while calling tool '{sname}': "
                               f"{type(e).__name__}: {e}", EXCEPTION, time.monotonic() - t0)
+        finally:
+            tool_metrics.record_call(time.monotonic() - t0)  # what the episode waited, queue included
 
     async def run_calls(self, calls: Iterable[ToolCall | tuple | Mapping[str, Any]], *,
                         max_concurrency: int = 64, timeout: float | None = None) -> list[ToolResult]:
