@@ -9,17 +9,36 @@ def _step(name, fn, *args):
     except Exception as e:
         _status[name] = "failed: %s: %s" % (type(e).__name__, e)
 
+_LIBC = []
+_TYPES = {}
+
 def _libc():
+    # made once per process tree: a zygote's children reuse its ctypes objects (cheaper than anew)
+    if _LIBC:
+        return _LIBC[0]
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         libc.syscall.restype = ctypes.c_long
         libc.prctl.restype = ctypes.c_int
         libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-        return ctypes, libc
     except Exception as e:  # no ctypes: only rlimits and the audit hook
         _status["ctypes"] = "unavailable: %s: %s" % (type(e).__name__, e)
         return None, None
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    for name, fields, pack in (
+            ("MountAttr", [("set", u64), ("clr", u64), ("prop", u64), ("userns_fd", u64)], 0),
+            ("CapHeader", [("version", u32), ("pid", ctypes.c_int)], 0),
+            ("CapData", [("eff", u32), ("prm", u32), ("inh", u32)], 0),
+            ("RulesetAttr", [("fs", u64), ("net", u64), ("scoped", u64)], 0),
+            ("PathBeneath", [("allowed", u64), ("fd", ctypes.c_int32)], 1),
+            ("Prog", [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)], 0)):
+        body = {"_fields_": fields}
+        if pack:
+            body["_pack_"] = pack
+        _TYPES[name] = type(name, (ctypes.Structure,), body)
+    _LIBC.append((ctypes, libc))
+    return _LIBC[0]
 
 def _setup_shared(ctypes, libc):
     # what does not depend on the call: done once by a warm pool's zygote (sandbox_zygote.py)
@@ -144,11 +163,7 @@ def _mounts(ctypes, libc):
     shadowed = _shadow_closed_dirs(mount)
     for d in _cfg["hide_paths"]:  # installed packages: only the standard library imports
         mount(b"tmpfs", d, b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k,nr_inodes=4,mode=0555")
-
-    class MountAttr(ctypes.Structure):
-        _fields_ = [("set", ctypes.c_uint64), ("clr", ctypes.c_uint64), ("prop", ctypes.c_uint64),
-                    ("userns_fd", ctypes.c_uint64)]
-
+    MountAttr = _TYPES["MountAttr"]
     RDONLY, NOSUID, AT_FDCWD, AT_RECURSIVE = 1, 2, -100, 0x8000
     L = ctypes.c_long
     # mount_setattr (442 on x86-64 and aarch64; Linux >= 5.12): the whole tree read-only; the
@@ -185,10 +200,7 @@ def _privileges(ctypes, libc):
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)  # from uid 0 to another: the kernel clears every capability
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-    class Data(ctypes.Structure):
-        _fields_ = [("eff", ctypes.c_uint32), ("prm", ctypes.c_uint32), ("inh", ctypes.c_uint32)]
+    Header, Data = _TYPES["CapHeader"], _TYPES["CapData"]
     data = (Data * 2)()
     if libc.capset(ctypes.byref(Header(0x20080522, 0)), data) != 0:  # _LINUX_CAPABILITY_VERSION_3
         return "capset failed: errno %d" % ctypes.get_errno()
@@ -240,14 +252,7 @@ def _landlock(ctypes, libc):
     if abi >= 5:
         fs |= IOCTL_DEV
     file_rights = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
-
-    class RulesetAttr(ctypes.Structure):
-        _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
-
-    class PathBeneath(ctypes.Structure):
-        _pack_ = 1
-        _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
-
+    RulesetAttr, PathBeneath = _TYPES["RulesetAttr"], _TYPES["PathBeneath"]
     attr = RulesetAttr(fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
     size = 8 if abi < 4 else (16 if abi < 6 else 24)
     rfd = libc.syscall(L(444), ctypes.byref(attr), L(size), L(0))
@@ -332,11 +337,7 @@ def _seccomp(ctypes, libc):
     import struct  # the program as bytes: one ctypes object per instruction costs milliseconds
     code = b"".join([struct.pack("=HBBI", *i) for i in prog])
     buf = ctypes.create_string_buffer(code, len(code))
-
-    class Prog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    fprog = Prog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
+    fprog = _TYPES["Prog"](len(prog), ctypes.cast(buf, ctypes.c_void_p))
     UL = ctypes.c_ulong
     PR_SET_SECCOMP, PR_GET_SECCOMP, MODE_FILTER = 22, 21, 2
     if libc.prctl(ctypes.c_int(PR_SET_SECCOMP), UL(MODE_FILTER), ctypes.byref(fprog), UL(0),
