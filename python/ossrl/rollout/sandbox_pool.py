@@ -20,6 +20,7 @@ calls with ``sandbox_error`` (their processes are killed) and is replaced.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import itertools
 import json
@@ -96,10 +97,12 @@ class Zygote:
             why = self._log.read()[-2000:].decode("utf-8", "replace") or ready.get("error", "no answer")
             raise PoolError(f"the sandbox zygote did not start: {why}")
         self.layers = ready["ready"]
+        self.work = ready.get("work")  # every call's directory (with mounts), else one per call
         ours.settimeout(1.0)  # the reader wakes up once a second to stop an idle zygote
         self._lock = threading.Lock()
         self._calls: dict[int, _Pending] = {}
         self.alive = True
+        self._done = threading.Event()
         self.last_used = time.monotonic()
         threading.Thread(target=self._reader, name="ossrl-sandbox-zygote", daemon=True).start()
 
@@ -143,6 +146,16 @@ class Zygote:
                 except OSError:
                     pass
 
+    def close(self) -> None:
+        """Stops the zygote: its calls fail, its children are killed."""
+        with self._lock:
+            self.alive = False
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end and cleans up
+        except OSError:
+            pass
+        self._done.wait(10.0)
+
     def _reader(self) -> None:
         while True:
             try:
@@ -171,6 +184,7 @@ class Zygote:
             self.alive = False
             lost, self._calls = list(self._calls.values()), {}
         self._stop()
+        self._done.set()
         for p in lost:  # the zygote died under them: kill what it had started, fail the calls
             if p.pid is not None:
                 try:
@@ -193,10 +207,14 @@ class Zygote:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self._log.close()
-        try:
-            os.rmdir(self.base)
-        except OSError:
-            pass
+        for _ in range(40):  # a mount point until the kernel has torn the zygote's namespace down
+            try:
+                os.rmdir(self.base)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
 
 
 class _Pool:
@@ -225,6 +243,17 @@ class _Pool:
 
 _POOLS: dict = {}
 _POOLS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stops every zygote (they would stop on their own when this process ends, but their
+    directories would stay behind)."""
+    with _POOLS_LOCK:
+        zs = [p.current() for p in _POOLS.values()]
+    for z in zs:
+        if z is not None:
+            z.close()
 
 
 def pool_for(cfg) -> _Pool:
@@ -367,7 +396,7 @@ async def run_pooled(data: bytes, cfg, timeout: float, limit: int, *, require: b
     pool = pool_for(cfg)
     z = pool.current() or await loop.run_in_executor(None, pool.get)
     (r_in, w_in), (r_out, w_out), (r_err, w_err) = _pipes(3)
-    tmp = tempfile.mkdtemp(dir=z.base)
+    tmp = z.work or tempfile.mkdtemp(dir=z.base)
     io = pending = None
     try:
         theirs = (r_in, w_out, w_err)
@@ -397,7 +426,5 @@ async def run_pooled(data: bytes, cfg, timeout: float, limit: int, *, require: b
         else:
             for fd in (w_in, r_out, r_err):
                 os.close(fd)
-        try:
-            os.rmdir(tmp)  # with mounts the code wrote into its own tmpfs: the directory is empty
-        except OSError:
+        if tmp != z.work:  # without mounts the code wrote into a directory of the host
             await loop.run_in_executor(None, _rmtree, tmp)

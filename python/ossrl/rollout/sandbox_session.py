@@ -118,7 +118,7 @@ class SandboxSession:
         z = pool.current() or await loop.run_in_executor(None, pool.get)
         (r_in, w_in), (r_out, w_out), (r_err, w_err) = _pipes(3)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        tmp = tempfile.mkdtemp(dir=z.base)
+        tmp = z.work or tempfile.mkdtemp(dir=z.base)
         fds = (r_in, w_out, w_err, theirs.fileno())
         try:
             cid, pending = z.submit(loop, tmp, list(fds), list(self.config.require), True)
@@ -164,9 +164,7 @@ class SandboxSession:
             live.io.loop.remove_reader(live.sock.fileno())
         live.sock.close()
         live.io.close()
-        try:
-            os.rmdir(live.tmp)
-        except OSError:
+        if live.tmp != live.zygote.work:
             _rmtree(live.tmp)
         with self._guard:
             if self._live is live:
@@ -176,7 +174,8 @@ class SandboxSession:
         live.zygote.kill(live.cid)
         live.sock.close()
         live.io.close()
-        _rmtree(live.tmp)
+        if live.tmp != live.zygote.work:
+            _rmtree(live.tmp)
         with self._guard:
             if self._live is live:
                 self._live = None

@@ -10,7 +10,8 @@
 # Protocol on the SOCK_SEQPACKET socket _cfg["ctl_fd"], one JSON object per message:
 #   trainer -> zygote  {"op": "run", "id": n, "tmp": dir, "require": [...], "session": bool} + fds
 #                      {"op": "kill", "id": n}
-#   zygote -> trainer  {"ready": status}, {"id": n, "pid": p}, {"id": n, "rc": exit code}
+#   zygote -> trainer  {"ready": status, "work": dir or null}, {"id": n, "pid": p}, {"id": n, "rc": exit code}
+# "work": the directory every child's tmpfs is mounted on (with mounts); without, each call has its own.
 # End of file on the socket (the trainer closed it or died): every child is killed, then the zygote exits.
 _before = set(sys.modules)
 import signal, select, socket, struct
@@ -66,10 +67,28 @@ def _child(req, fds):
         _status["setup_error"] = "%s: %s" % (type(e).__name__, e)
     _main(shared=False, cells=_cells if req.get("session") else None)
 
+def _workdir(ctypes, libc):
+    # With mounts: the zygote's own small tmpfs over its directory, holding one mount point that
+    # each child covers with its own tmpfs in its own mount namespace. Nothing of it is on the
+    # host (no directory to create or remove per call: removing a mount point waits for the
+    # kernel to tear the last namespace down), and each child sees only its own tmpfs there.
+    base = _cfg["tmp"]
+    opts = b"size=64k,nr_inodes=16,mode=0711"
+    if libc.mount(b"tmpfs", base.encode(), b"tmpfs", ctypes.c_ulong(2 | 4 | 8), opts) != 0:
+        raise OSError(ctypes.get_errno(), "mount %s" % base)
+    os.mkdir(base + "/w", 0o755)
+    return base + "/w"
+
 def _zygote():
     ctl = socket.socket(fileno=_cfg["ctl_fd"])
     ctypes, libc = _libc()
     _setup_shared(ctypes, libc)
+    work = None
+    if _status.get("mounts") is True:
+        try:
+            work = _workdir(ctypes, libc)
+        except OSError as e:
+            _status["mounts"] = "failed: %s" % e
     _sandbox_ids()  # checks once what an unprivileged uid can read
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]  # a child sets its own limit (memory_bytes)
     resource.setrlimit(resource.RLIMIT_AS, (min(_cfg["pool_memory_bytes"], hard), hard))
@@ -79,7 +98,7 @@ def _zygote():
     os.set_blocking(wfd, False)
     signal.set_wakeup_fd(wfd)
     signal.signal(signal.SIGCHLD, lambda *a: None)
-    ctl.send(json.dumps({"ready": _status}).encode())
+    ctl.send(json.dumps({"ready": _status, "work": work}).encode())
     import gc
     gc.freeze()  # a child's collections leave the zygote's objects alone: their pages stay shared
     children = {}  # pid -> call id
