@@ -72,7 +72,8 @@ class Zygote:
         from .sandbox import _bootstrap_config, _environment
 
         self.idle_seconds = float(idle_seconds)
-        self.base = tempfile.mkdtemp(prefix="ossrl-pool-")
+        _sweep()
+        self.base = tempfile.mkdtemp(prefix=f"ossrl-pool-{os.getpid()}-")
         os.chmod(self.base, 0o711)  # each child reaches its own directory in here by name, lists nothing
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         bcfg = _bootstrap_config(cfg, self.base, read_paths, require=False)
@@ -217,6 +218,25 @@ class Zygote:
                 time.sleep(0.05)
 
 
+def _sweep() -> None:
+    """Removes the (empty) directories of zygotes whose trainer died without stopping them."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        parts = name.split("-")
+        if name.startswith("ossrl-pool-") and len(parts) == 4 and parts[2].isdigit():
+            try:
+                os.kill(int(parts[2]), 0)
+                continue
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+            try:
+                os.rmdir(os.path.join(tmp, name))
+            except OSError:
+                pass
+
+
 class _Pool:
     """The zygote of one sandbox configuration, (re)started on demand."""
 
@@ -256,12 +276,19 @@ def _stop_all() -> None:
             z.close()
 
 
+_BY_CONFIG: dict = {}  # a config as given -> its pool (the same for any require=)
+
+
 def pool_for(cfg) -> _Pool:
+    pool = _BY_CONFIG.get(cfg)
+    if pool is not None:
+        return pool
     key = dataclasses.replace(cfg, require=())  # require= is checked per call, in the child
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is None:
             pool = _POOLS[key] = _Pool(key)
+        _BY_CONFIG[cfg] = pool
         return pool
 
 

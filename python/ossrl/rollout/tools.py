@@ -218,6 +218,8 @@ class ToolRegistry:
     ``max_sandboxes``: sandbox processes alive at once (per event loop).
     ``max_hung_threads``: timed-out sync callables whose threads still run, before further sync
     calls are refused.
+    ``backend``: where ``python`` calls run instead of this process's sandbox pool, e.g. a
+    :class:`~ossrl.rollout.tool_backend.RayToolBackend` (its ``call(name, arguments, timeout)``).
     """
 
     def __init__(
@@ -229,11 +231,13 @@ class ToolRegistry:
         max_output_chars: int = 16_000,
         max_sandboxes: int | None = None,
         max_hung_threads: int = 64,
+        backend: Any = None,
     ):
         self.sandbox = sandbox or SandboxConfig()
         self.default_timeout = float(default_timeout)
         self.max_output_chars = int(max_output_chars)
         self.max_hung_threads = int(max_hung_threads)
+        self.backend = backend  # e.g. tool_backend.RayToolBackend: where the python tool's calls run
         self._slots = (_LoopLocalSemaphore(max_sandboxes) if max_sandboxes else _DEFAULT_SANDBOX_SLOTS)
         self._tools: dict[str, _Tool] = {}
         self._hung = _HungThreads()
@@ -459,6 +463,8 @@ class ToolRegistry:
     async def _call_sandbox(self, tool: _Tool, args: dict, limit: float, t0: float) -> ToolResult:
         if tool.name == "python_session":  # one process, kept: no slot to wait for
             return await self._session.run(args["code"], limit, self.max_output_chars)
+        if self.backend is not None:
+            return await self.backend.call(tool.name, args, limit)
         # run_sandboxed bounds its own run (timeout, then a kill). Waiting for a process slot is not
         # bounded on purpose: every process ahead in the queue is.
         return await run_sandboxed(args["code"], self.sandbox, timeout=limit,
