@@ -272,3 +272,18 @@ def test_hostile_calls_under_load_leave_ordinary_ones_correct_and_nothing_behind
             assert len(r.content) <= 4000 + 200
     assert zygote is not None and _sandbox_processes({zygote.proc.pid}) == []  # all gone with their results
     assert run(reg.call("python", {"code": "print('still fine')"})).content == "still fine\n"
+
+
+def test_config_keys_reach_every_episodes_registry():
+    from ossrl.train.config import load_config
+    from ossrl.train.task import _tool_options
+
+    cfg = load_config(None, ["sandbox_pool=false", "sandbox_slots=3", "sandbox_idle_s=5", "sandbox_pool_memory_mb=64"])
+    opts = _tool_options(cfg, ["python"])
+    assert opts["sandbox"].pool is False and opts["sandbox"].pool_idle_seconds == 5.0
+    assert opts["sandbox"].pool_memory_bytes == 64 << 20 and opts["slots"].value == 3
+    assert "backend" not in opts and _tool_options(cfg, ["calculator"]) == {}
+    a, b = ToolRegistry(**opts), ToolRegistry(**opts)
+    assert a._slots is b._slots  # one bound for all episodes
+    with pytest.raises(ValueError, match="tool_backend"):
+        load_config(None, ["tool_backend=spark"])

@@ -215,9 +215,12 @@ class ToolRegistry:
     ``builtins``: True (``python`` and ``calculator``), False, or an iterable of their names.
     ``default_timeout``: seconds per call unless the tool or the call says otherwise.
     ``max_output_chars``: longer results are truncated and reported as ``output_too_large``.
-    ``max_sandboxes``: sandbox processes alive at once (per event loop).
+    ``max_sandboxes``: sandbox processes alive at once (per event loop): the warm pool's size;
+    further calls wait for a slot (the wait does not count towards their timeout).
     ``max_hung_threads``: timed-out sync callables whose threads still run, before further sync
     calls are refused.
+    ``slots``: the sandbox slots of several registries at once (one registry per episode, one
+    bound for all), instead of ``max_sandboxes``.
     ``backend``: where ``python`` calls run instead of this process's sandbox pool, e.g. a
     :class:`~ossrl.rollout.tool_backend.RayToolBackend` (its ``call(name, arguments, timeout)``).
     """
@@ -232,13 +235,14 @@ class ToolRegistry:
         max_sandboxes: int | None = None,
         max_hung_threads: int = 64,
         backend: Any = None,
+        slots: _LoopLocalSemaphore | None = None,
     ):
         self.sandbox = sandbox or SandboxConfig()
         self.default_timeout = float(default_timeout)
         self.max_output_chars = int(max_output_chars)
         self.max_hung_threads = int(max_hung_threads)
         self.backend = backend  # e.g. tool_backend.RayToolBackend: where the python tool's calls run
-        self._slots = (_LoopLocalSemaphore(max_sandboxes) if max_sandboxes else _DEFAULT_SANDBOX_SLOTS)
+        self._slots = slots or (_LoopLocalSemaphore(max_sandboxes) if max_sandboxes else _DEFAULT_SANDBOX_SLOTS)
         self._tools: dict[str, _Tool] = {}
         self._hung = _HungThreads()
         self._abandoned: set[asyncio.Future] = set()

@@ -202,6 +202,7 @@ class Task:
     specs: list[dict] = field(default_factory=list)  # every tool's schema, for the prompt
     env_tools: list[str] = field(default_factory=list)
     agent: Any = None  # async def fn(client, **row): episodes through the OpenAI API (ossrl.train.agents)
+    tool_options: dict = field(default_factory=dict)  # ToolRegistry keywords: sandbox, slots, backend
 
     def __post_init__(self):
         self._shared: ToolRegistry | None = None
@@ -217,7 +218,8 @@ class Task:
         shared = env is None and "python_session" not in self.tools
         if shared and self._shared is not None:
             return self._shared
-        reg = ToolRegistry(builtins=[t for t in self.tools if isinstance(t, str)], default_timeout=self.tool_timeout)
+        reg = ToolRegistry(builtins=[t for t in self.tools if isinstance(t, str)], default_timeout=self.tool_timeout,
+                           **self.tool_options)
         for fn in self.tools:
             if not isinstance(fn, str):
                 s = function_schema(fn)
@@ -485,7 +487,27 @@ def build_task(cfg, *, environment_factory: Any = None, reward_funcs: Sequence[A
         eval_rows=(lambda n: [dict(r) for r in eval_rows[:n]]) if eval_rows is not None else (lambda n: [{} for _ in range(n)]),
         demos=demos, reward_funcs=funcs, reward_weights=weights, tools=tool_list, environment_factory=env,
         preamble=cfg.chat_preamble, success_threshold=cfg.success_threshold, tool_timeout=cfg.tool_timeout,
-        specs=[_openai_spec(s) for s in specs + env_specs], env_tools=[s["name"] for s in env_specs], agent=agent)
+        specs=[_openai_spec(s) for s in specs + env_specs], env_tools=[s["name"] for s in env_specs], agent=agent,
+        tool_options=_tool_options(cfg, tool_list))
+
+
+def _tool_options(cfg, tools: list) -> dict:
+    """The sandboxed tools' pool and backend from the config, shared by every episode's registry."""
+    if not any(t in ("python", "python_session") for t in tools):
+        return {}
+    from ..rollout.sandbox import SandboxConfig, _LoopLocalSemaphore
+
+    sandbox = SandboxConfig(pool=cfg.sandbox_pool, pool_idle_seconds=cfg.sandbox_idle_s,
+                            pool_memory_bytes=cfg.sandbox_pool_memory_mb << 20)
+    out: dict = {"sandbox": sandbox}
+    if cfg.sandbox_slots:
+        out["slots"] = _LoopLocalSemaphore(cfg.sandbox_slots)
+    if cfg.tool_backend == "ray" and "python" in tools:
+        from ..rollout.tool_backend import RayToolBackend
+
+        out["backend"] = RayToolBackend(address=cfg.ray_address or None, sandbox=sandbox,
+                                        max_sandboxes=cfg.sandbox_slots or None)
+    return out
 
 
 def _openai_spec(s: dict) -> dict:
