@@ -196,20 +196,21 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     runners = args.runners.split(",")
-    ray = None
-    if "ray" in runners:
+    rows = []
+    for n, conc in sizes:
+        for runner in [r for r in runners if r != "ray"]:
+            rows.append(measure(runner, n, conc))
+            print(json.dumps(rows[-1]), flush=True)
+    if "ray" in runners:  # last: its cluster's processes would count towards the others
         try:
             ray = _ray_runner(args.ray_address)
         except ImportError as e:
             print(f"ray: skipped ({e})")
-            runners.remove("ray")
-    rows = []
-    for n, conc in sizes:
-        for runner in runners:
-            rows.append(measure(runner, n, conc, ray))
-            print(json.dumps(rows[-1]), flush=True)
-    if ray is not None:
-        ray[0].close()
+        else:
+            for n, conc in sizes:
+                rows.append(measure("ray", n, conc, ray))
+                print(json.dumps(rows[-1]), flush=True)
+            ray[0].close()
     base = {(r["calls"], r["concurrency"]): r for r in rows if r["runner"] == "fresh"}
     print(f"\n{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}")
     print(f"{'runner':<7} {'calls':>6} {'conc':>5} {'calls/s':>9} {'vs fresh':>9} {'p50 ms':>8} {'p99 ms':>8} "

@@ -25,9 +25,15 @@ How calls run
   timeout result. Such threads are counted, and once ``max_hung_threads`` are alive, further
   sync calls are refused with an ``unavailable`` result until some finish. Only trusted code
   belongs in a registered callable. Model-written code runs through the sandbox.
-* Sandboxed code runs in a fresh subprocess per call, at most ``max_sandboxes`` processes at
-  once. Waiting for a process slot does not count towards a call's timeout, and nothing waits
-  forever: every process is killed at its own timeout.
+* Sandboxed code runs in a fresh sandboxed process per call (a child forked from a warm zygote,
+  see :mod:`ossrl.rollout.sandbox_pool`), at most ``max_sandboxes`` processes at once. Waiting for
+  a process slot does not count towards a call's timeout, and nothing waits forever: every
+  process is killed at its own timeout.
+* ``python_session`` (when named in ``builtins``) keeps one sandboxed interpreter across the
+  calls of the registry's episode, like a notebook (:mod:`ossrl.rollout.sandbox_session`);
+  :meth:`ToolRegistry.close_sessions` ends it (the agent loop does when an episode ends or is
+  paused). ``backend=`` runs the ``python`` calls elsewhere, e.g. on Ray workers
+  (:mod:`ossrl.rollout.tool_backend`).
 * :meth:`ToolRegistry.run_calls` runs many calls with at most ``max_concurrency`` in flight and
   returns the results in input order.
 
