@@ -11,6 +11,14 @@ model holds for it as for a fresh process, and ``probe_sandbox`` asks a pool chi
 is on. Nothing is shared between calls: the model's code never runs in the zygote, and a child
 holds only its own pipes (fds 0-2; fd 3 for a session).
 
+A child's memory starts as a copy of the zygote's: the interpreter, the standard-library modules
+it imported (ctypes among them, removed from ``sys.modules`` before the code runs, as in a fresh
+sandbox) and the configuration. Nothing of the trainer is in it (the zygote is a new ``python
+-I -S`` process, not a fork of the trainer) and nothing of other calls (the zygote runs none;
+it only knows their ids and pids). The zygote keeps the privileges it needs to create a child's
+namespaces and mounts (as root: root's; otherwise those of its user namespace); a child has lost
+them before the model's code runs, like a fresh sandbox after its set-up.
+
 The trainer side is thread- and loop-agnostic: a zygote is a process-wide object (one reader
 thread each) and a call's pipes are read on the caller's event loop. A zygote left without calls
 for ``pool_idle_seconds`` is stopped, and started again by the next call; one that dies fails its
@@ -46,11 +54,12 @@ class PoolError(RuntimeError):
 class _Pending:
     """One call in a zygote, seen from the trainer: its pid, then its exit status."""
 
-    __slots__ = ("loop", "pid", "started", "exited")
+    __slots__ = ("loop", "pid", "started", "exited", "error")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.pid = None
+        self.error = None  # why the zygote could not run it (exit status None)
         self.started = loop.create_future()
         self.exited = loop.create_future()
 
@@ -60,6 +69,7 @@ class _Pending:
             if not self.started.done():
                 self.started.set_result(msg["pid"])
         if "rc" in msg:
+            self.error = msg.get("error")
             for f in (self.started, self.exited):
                 if not f.done():
                     f.set_result(msg["rc"])
@@ -443,7 +453,7 @@ async def run_pooled(data: bytes, cfg, timeout: float, limit: int, *, require: b
         await asyncio.wait({io.eof}, timeout=5.0 if timed_out else 0.5)
         rc = pending.exited.result() if pending.exited.done() else None
         if rc is None and not timed_out:
-            raise PoolError("the sandbox zygote exited during the call")
+            raise PoolError(pending.error or "the sandbox zygote exited during the call")
         return rc, bytes(io.bufs[r_out]), bytes(io.bufs[r_err]), timed_out, io.overflow
     finally:
         if pending is not None and not pending.exited.done():

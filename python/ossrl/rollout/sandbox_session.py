@@ -5,7 +5,8 @@ directory as a one-shot call, applied once when the session starts; then it runs
 notebook, its globals and its working directory kept from one cell to the next. Cells go over a
 socket on its fd 3 (a length, then the code); each is answered there by the cell's exit status
 once its output is flushed, so stdout and stderr are read per cell exactly as for a one-shot call.
-``cpu_seconds`` bounds the whole session (RLIMIT_CPU counts the process).
+``cpu_seconds`` bounds the whole session (RLIMIT_CPU counts the process). A session takes no
+sandbox slot (``max_sandboxes``): there is one per episode, alive between its calls.
 
 A cell that times out, floods its output or kills the process ends the session: the result says
 so, and the next call starts a fresh interpreter (its result begins with a note that the state is
@@ -106,7 +107,8 @@ class SandboxSession:
             else:
                 rc = live.pending.exited.result() if live.pending.exited.done() else None
             if rc is None and not timed_out:
-                return result(False, note + "Error: the sandbox zygote exited during the call.", SANDBOX_ERROR)
+                why = live.pending.error or "the sandbox zygote exited during the call"
+                return result(False, note + f"Error: {why}.", SANDBOX_ERROR)
             r = _classify(rc, out, err, timed_out, live.io.overflow, timeout, max_output_chars, cfg, result,
                           status=live.status or {})
             if note:

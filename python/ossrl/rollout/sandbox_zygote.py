@@ -144,7 +144,13 @@ def _zygote():
                         except OSError:
                             pass
                 continue
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as e:  # out of processes or memory: this call fails, the zygote goes on
+                for fd in fds:
+                    os.close(fd)
+                ctl.send(json.dumps({"id": req["id"], "rc": None, "error": "fork failed: %s" % e}).encode())
+                continue
             if pid == 0:
                 try:
                     _child(req, fds)
