@@ -186,6 +186,8 @@ class Zygote:
             m = json.loads(msg)
             with self._lock:
                 p = self._calls.pop(m["id"], None) if "rc" in m else self._calls.get(m["id"])
+                if p is not None and "pid" in m:
+                    p.pid = m["pid"]  # here too: if the zygote dies, this thread kills it
             if p is not None:
                 try:
                     p.loop.call_soon_threadsafe(p.deliver, m)
@@ -423,6 +425,26 @@ def _pipes(n: int) -> list[tuple[int, int]]:
     return out
 
 
+async def start_child(loop, cfg, fds: list[int], require: list[str], session: bool):
+    """A child of the configuration's zygote on ``fds``: ``(zygote, call id, pending, its
+    directory)``. A zygote that stopped for idleness just now is replaced once; raises PoolError."""
+    from .sandbox_paths import _rmtree
+
+    pool = pool_for(cfg)
+    for attempt in range(2):
+        z = pool.current() or await loop.run_in_executor(None, pool.get)
+        tmp = z.work or tempfile.mkdtemp(dir=z.base)
+        try:
+            cid, pending = z.submit(loop, tmp, fds, require, session)
+            return z, cid, pending, tmp
+        except PoolError:
+            if tmp != z.work:
+                _rmtree(tmp)
+            if attempt or z.alive:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def run_pooled(data: bytes, cfg, timeout: float, limit: int, *, require: bool = True):
     """Runs ``data`` in a child of the configuration's zygote. Returns ``(rc, stdout, stderr,
     timed_out, overflow)`` for ``sandbox._classify``; raises PoolError if the pool cannot run it.
@@ -430,15 +452,13 @@ async def run_pooled(data: bytes, cfg, timeout: float, limit: int, *, require: b
     from .sandbox_paths import _rmtree
 
     loop = asyncio.get_running_loop()
-    pool = pool_for(cfg)
-    z = pool.current() or await loop.run_in_executor(None, pool.get)
     (r_in, w_in), (r_out, w_out), (r_err, w_err) = _pipes(3)
-    tmp = z.work or tempfile.mkdtemp(dir=z.base)
-    io = pending = None
+    io = pending = z = None
     try:
         theirs = (r_in, w_out, w_err)
         try:
-            cid, pending = z.submit(loop, tmp, list(theirs), list(cfg.require) if require else [], False)
+            z, cid, pending, tmp = await start_child(loop, cfg, list(theirs), list(cfg.require) if require else [],
+                                                     False)
         finally:
             for fd in theirs:
                 os.close(fd)
@@ -463,5 +483,5 @@ async def run_pooled(data: bytes, cfg, timeout: float, limit: int, *, require: b
         else:
             for fd in (w_in, r_out, r_err):
                 os.close(fd)
-        if tmp != z.work:  # without mounts the code wrote into a directory of the host
+        if pending is not None and tmp != z.work:  # without mounts the code wrote into a host directory
             await loop.run_in_executor(None, _rmtree, tmp)

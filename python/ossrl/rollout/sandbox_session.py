@@ -20,11 +20,10 @@ import json
 import os
 import socket
 import struct
-import tempfile
 import threading
 import time
 
-from .sandbox_pool import PoolError, _CallIO, _pipes, pool_for
+from .sandbox_pool import PoolError, _CallIO, _pipes, start_child
 from .sandbox_paths import _rmtree
 from .tool_result import BAD_ARGUMENTS, SANDBOX_ERROR, ToolResult
 
@@ -116,14 +115,11 @@ class SandboxSession:
             return r
 
     async def _start(self, loop) -> _Live:
-        pool = pool_for(self.config)
-        z = pool.current() or await loop.run_in_executor(None, pool.get)
         (r_in, w_in), (r_out, w_out), (r_err, w_err) = _pipes(3)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        tmp = z.work or tempfile.mkdtemp(dir=z.base)
         fds = (r_in, w_out, w_err, theirs.fileno())
         try:
-            cid, pending = z.submit(loop, tmp, list(fds), list(self.config.require), True)
+            z, cid, pending, tmp = await start_child(loop, self.config, list(fds), list(self.config.require), True)
         except BaseException:
             for fd in (w_in, r_out, r_err):
                 os.close(fd)
