@@ -151,7 +151,9 @@ def test_a_zygote_that_dies_fails_its_calls_and_is_replaced():
         assert (await run_sandboxed("pass", cfg)).ok
         zygote = pool_for(cfg).current()
         task = asyncio.ensure_future(run_sandboxed("import time\ntime.sleep(60)", cfg, timeout=30.0))
+        deadline = time.monotonic() + 30
         while not any(p.pid for p in list(zygote._calls.values())):
+            assert time.monotonic() < deadline, "the call never started"
             await asyncio.sleep(0.02)
         child = next(p.pid for p in list(zygote._calls.values()) if p.pid)
         os.kill(zygote.proc.pid, signal.SIGKILL)
