@@ -289,3 +289,32 @@ def test_config_keys_reach_every_episodes_registry():
     assert a._slots is b._slots  # one bound for all episodes
     with pytest.raises(ValueError, match="tool_backend"):
         load_config(None, ["tool_backend=spark"])
+
+
+def test_advance_gives_each_episode_its_session_and_ends_them_all():
+    from test_agent import _Scripted, _turn
+
+    from ossrl.model import ByteTokenizer
+    from ossrl.rollout.agent import Trajectory, advance
+    from ossrl.rollout.engine import SamplingParams
+
+    tok = ByteTokenizer()
+
+    def call(code):
+        return _turn(tok, code, channel="commentary", recipient="functions.python_session")
+
+    first = "import os\nx = 'mine'\nprint(os.getpid())"
+    script = {e: [call(first), call("print(x)"), _turn(tok, "done", channel="final")] for e in range(2)}
+    trajs = [Trajectory.start([1000 + e, 7], seed=e) for e in range(2)]
+    regs = [ToolRegistry(builtins=["python_session"]) for _ in trajs]
+    params = SamplingParams(temperature=1.0, max_new_tokens=500)
+    with pytest.raises(ValueError, match="one registry per trajectory"):
+        advance(_Scripted(script), tok, regs[0], trajs, params, max_turns=4, tool_timeout=5.0)
+    assert advance(_Scripted(script), tok, regs, trajs, params, max_turns=4, tool_timeout=5.0) == [0]
+    pids = []
+    for t in trajs:
+        results = [m["content"] for m in t.chat if m["role"] == "tool"]
+        assert t.final_answer == "done" and t.tool_errors == 0 and results[1] == "mine\n", t.chat
+        pids.append(int(results[0]))
+    assert pids[0] != pids[1]  # one interpreter per episode
+    _wait_until(lambda: not any(_alive(p) for p in pids), "the episodes' interpreters end with advance")
