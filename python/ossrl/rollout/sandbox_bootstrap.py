@@ -237,6 +237,8 @@ def _rlimits():
             bad.append("%s: %s" % (name, e))
     return True if not bad else "; ".join(bad)
 
+_HOOK = []  # the audit hook, made once by a zygote whose children all use one directory
+
 def _landlock(ctypes, libc):
     L = ctypes.c_long
     abi = libc.syscall(L(444), None, L(0), L(1))  # landlock_create_ruleset(NULL, 0, VERSION)
@@ -423,7 +425,7 @@ def _main(shared=True, cells=None):
         if code is None:
             os._exit(100)
     if _cfg["audit_hook"]:
-        sys.addaudithook(_make_hook(_cfg["tmp"], _cfg["read_paths"]))
+        sys.addaudithook(_HOOK[0] if _HOOK else _make_hook(_cfg["tmp"], _cfg["read_paths"]))
     g = {"__name__": "__main__", "__builtins__": builtins}
     if cells is not None:
         cells(g, traceback, linecache)

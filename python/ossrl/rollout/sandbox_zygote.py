@@ -18,6 +18,7 @@ import signal, select, socket, struct
 _ZYGOTE_MODULES = set(sys.modules) - _before - {"struct"}  # struct: ctypes uses it too
 
 _NEWNS, _NEWNET = 0x00020000, 0x40000000
+_WORK = [None]  # the directory of every child, with mounts (see _workdir)
 
 def _own_namespaces(ctypes, libc):
     # a mount namespace of its own (its tmpfs is seen by nobody else) and a new, empty network
@@ -52,6 +53,8 @@ def _child(req, fds):
     for i, fd in enumerate(fds):
         os.dup2(fd, i, inheritable=False)
     os.closerange(len(fds), os.sysconf("SC_OPEN_MAX"))  # the zygote's socket, other calls' pipes
+    if req["tmp"] != _WORK[0]:  # the zygote's hook knows only its own directory
+        _HOOK[:] = []
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for m in _ZYGOTE_MODULES:  # what the zygote imported for itself
@@ -89,6 +92,9 @@ def _zygote():
             work = _workdir(ctypes, libc)
         except OSError as e:
             _status["mounts"] = "failed: %s" % e
+    if work is not None and _cfg["audit_hook"]:  # every child's directory is this one: its hook, once
+        _WORK[0] = work
+        _HOOK.append(_make_hook(work, _cfg["read_paths"]))
     _sandbox_ids()  # checks once what an unprivileged uid can read
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]  # a child sets its own limit (memory_bytes)
     resource.setrlimit(resource.RLIMIT_AS, (min(_cfg["pool_memory_bytes"], hard), hard))
@@ -154,6 +160,8 @@ def _zygote():
             if pid == 0:
                 try:
                     _child(req, fds)
+                except BaseException:  # a bug of the set-up: say what it was
+                    traceback.print_exc()
                 finally:
                     os._exit(_EXIT_SETUP_FAILED)
             for fd in fds:
