@@ -173,7 +173,8 @@ def test_python_session_keeps_state_within_an_episode_only():
                           (a, "x += 1\nprint(x, open('f.txt').read())"),
                           (b, "print('x' in dir())"),  # another episode's interpreter
                           (a, "import os\nos.fork()"),  # the same limits as a one-shot call
-                          (a, "print(x)")]:
+                          (a, "print(x)"),
+                          (a, "big = '%s'\nprint(len(big) + x)" % ("b" * 300_000))]:  # larger than a socket buffer
             out.append(await reg.call("python_session", {"code": code}, timeout=5.0))
         cwd = out[0].content.strip()
         one_shot = await run_sandboxed(f"print(open({cwd + '/f.txt'!r}).read())")
@@ -191,6 +192,8 @@ def test_python_session_keeps_state_within_an_episode_only():
     assert out[2].ok and out[2].content == "False\n", out[2]
     assert out[3].error in ("exception", "sandbox_violation") and "fork" in out[3].content, out[3]
     assert out[4].ok and out[4].content == "42\n", out[4]  # a refused call does not end the session
+    assert out[5].ok and out[5].content == "300042\n", out[5]
+    out = out[:5] + out[6:]
     assert not one_shot.ok and "kept" not in one_shot.content, one_shot  # its files are its own
     assert out[5].ok and out[5].content.endswith("False\n") and "new session" in out[5].content, out[5]
     assert out[6].error == "timeout", out[6]

@@ -84,12 +84,11 @@ class SandboxSession:
                                   SANDBOX_ERROR)
             live.io.limit(max_output_chars)
             live.answered = loop.create_future()
-            try:
-                live.sock.sendall(struct.pack("<I", len(data)) + data)
-            except OSError:
-                pass  # it has exited: its exit status says why
+            send = asyncio.ensure_future(loop.sock_sendall(live.sock, struct.pack("<I", len(data)) + data))
+            send.add_done_callback(lambda f: f.cancelled() or f.exception())  # it exited: its status says why
             done, _ = await asyncio.wait({live.answered, live.pending.exited}, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
+            send.cancel()
             timed_out = not done
             ended = timed_out or live.io.overflow or not live.answered.done()
             if ended:
