@@ -171,6 +171,8 @@ def advance(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry | list[Too
     episode's own environment)."""
     if isinstance(tools, (list, tuple)) and len(tools) != len(trajs):
         raise ValueError(f"advance: {len(tools)} tool registries for {len(trajs)} trajectories")
+    if not isinstance(tools, (list, tuple)) and tools.holds_session and len(trajs) > 1:
+        raise ValueError("advance: python_session keeps one interpreter per episode: pass one registry per trajectory")
     if groups is None:
         groups, quota = [list(range(len(trajs)))], 1
     quota = len(groups) if quota is None else quota
@@ -275,6 +277,9 @@ def advance(engine: Engine, tokenizer: Tokenizer, tools: ToolRegistry | list[Too
             del live[i]
     finally:
         runner.close()
+        # every trajectory is now done or paused: its python_session interpreter ends with it
+        for reg in {id(r): r for r in (tools if isinstance(tools, (list, tuple)) else [tools])}.values():
+            reg.close_sessions()
     return complete()
 
 

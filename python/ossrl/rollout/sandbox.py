@@ -7,7 +7,11 @@ Each call runs ``<python> -I -S -B -u -c <bootstrap>`` (the bootstrap is ``sandb
 in a new session with a minimal environment and a fresh temporary working directory. No
 environment variables, site-packages or user site are used. Before the model's code runs, the
 bootstrap applies these layers, each on its own (one that the kernel refuses does not stop the
-others), in this order:
+others), in this order. With ``SandboxConfig(pool=True)``, the default, the call is instead a
+child forked from a warm zygote of that same interpreter (``sandbox_pool.py``): the zygote holds
+namespaces and read-only mounts ready, and the child applies every per-call layer itself (its own
+mount and network namespaces, tmpfs, Landlock, uid, rlimits, seccomp, hook) before the code runs,
+so each call gets the same layers at a small fraction of the cost:
 
 1. Namespaces: a new network namespace (no network at all) and a new mount namespace, with
    ``unshare`` as root, otherwise inside a new user namespace where unprivileged ones are
@@ -79,13 +83,11 @@ reachable through the allowed system calls. Use a container or VM for stronger i
 from __future__ import annotations
 
 import asyncio
-import glob
 import json
 import math
 import os
 import shutil
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -94,6 +96,9 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import tool_metrics
+from .sandbox_paths import _package_dirs, _read_paths, _rmtree  # noqa: F401 (tests use _rmtree)
+from .sandbox_pool import PoolError, run_pooled
 from .tool_result import (CPU_LIMIT, CRASH, EXCEPTION, MEMORY_LIMIT, NONZERO_EXIT, OUTPUT_TOO_LARGE,
                           SANDBOX_ERROR, SANDBOX_VIOLATION, TIMEOUT, BAD_ARGUMENTS, ToolResult)
 
@@ -132,13 +137,16 @@ class SandboxConfig:
     python: str = ""  # interpreter; default: sys.executable
     extra_read_paths: tuple[str, ...] = ()  # more read-only paths (files or directories)
     extra_sys_path: tuple[str, ...] = ()  # directories put on sys.path (and made readable)
+    pool: bool = True  # fork each call from a warm zygote (sandbox_pool.py); False: a new interpreter per call
+    pool_idle_seconds: float = 30.0  # a zygote without calls for this long is stopped (restarted on demand)
+    pool_memory_bytes: int = 256 * _MiB  # RLIMIT_AS of the zygote itself (about 25 MiB resident)
 
     def __post_init__(self):
         unknown = [r for r in self.require if r not in LAYERS]
         if unknown:
             raise ValueError(f"SandboxConfig.require: unknown layer(s) {unknown}; known: {list(LAYERS)}")
         for name in ("memory_bytes", "cpu_seconds", "file_size_bytes", "disk_bytes", "max_files",
-                     "max_open_files", "max_code_bytes"):
+                     "max_open_files", "max_code_bytes", "pool_idle_seconds", "pool_memory_bytes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
                 raise ValueError(f"SandboxConfig.{name} must be a positive number, got {v!r}")
@@ -146,13 +154,6 @@ class SandboxConfig:
     def interpreter(self) -> str:
         return self.python or sys.executable or shutil.which("python3") or "python3"
 
-
-# Read-only locations besides the interpreter's own sys.path (the standard library).
-_SYSTEM_READ_DIRS = (
-    "/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/local/lib",
-    "/usr/share/zoneinfo",
-)
-_SYSTEM_READ_FILES = ("/etc/ld.so.cache", "/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
 
 _MARKER = b"\x1eOSSRL-SANDBOX "
 
@@ -162,10 +163,10 @@ _EXIT_VIOLATION = 101
 _EXIT_MEMORY = 102
 _EXIT_SETUP = 103
 
-_BOOTSTRAP = (Path(__file__).parent / "sandbox_bootstrap.py").read_text()
-
 # The bootstrap runs inside the sandboxed interpreter (python -I -S -c). It reads the model's code
-# from stdin, applies the layers described in the module docstring, and runs the code.
+# from stdin, applies the layers described in the module docstring, and runs the code. The audit
+# hook's text comes first (the bootstrap installs it); a warm pool's zygote appends its own.
+_BOOTSTRAP = "".join((Path(__file__).parent / f).read_text() for f in ("sandbox_hook.py", "sandbox_bootstrap.py"))
 
 
 class _LoopLocalSemaphore:
@@ -187,90 +188,6 @@ class _LoopLocalSemaphore:
 
 
 _DEFAULT_SANDBOX_SLOTS = _LoopLocalSemaphore(max(4, 2 * (os.cpu_count() or 2)))
-
-
-def _read_paths(config: SandboxConfig) -> list[str]:
-    """Read-only paths of the sandbox: the interpreter's standard library (asked from the
-    interpreter itself, cached), system library directories and the configured extras."""
-    py = config.interpreter()
-    paths = list(_stdlib_paths(py))
-    paths += [p for p in _SYSTEM_READ_DIRS + _SYSTEM_READ_FILES if os.path.exists(p)]
-    for p in tuple(config.extra_read_paths) + tuple(config.extra_sys_path):
-        paths.append(os.path.realpath(p))
-    out: list[str] = []
-    for p in paths:
-        if p not in out:
-            out.append(p)
-    return out
-
-
-def _package_dirs(config: SandboxConfig, read_paths: list[str]) -> list[str]:
-    """site-packages / dist-packages directories inside the readable set (a standard-library
-    directory holds one): covered by empty mounts so that only the standard library imports.
-    Directories the config names (``extra_sys_path``, ``extra_read_paths``) stay visible."""
-    cands = []
-    for p in read_paths:
-        cands += [os.path.join(p, "site-packages"), os.path.join(p, "dist-packages")]
-    for root in ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib"):
-        cands += glob.glob(root + "/python3*/site-packages") + glob.glob(root + "/python3*/dist-packages")
-    keep = [os.path.realpath(p) for p in tuple(config.extra_sys_path) + tuple(config.extra_read_paths)]
-    out: list[str] = []
-    for c in cands:
-        if not os.path.isdir(c):
-            continue
-        r = os.path.realpath(c)
-        if r not in out and not any(k == r or k.startswith(r + "/") for k in keep):
-            out.append(r)
-    return out
-
-
-_STDLIB_CACHE: dict[str, tuple[str, ...]] = {}
-_STDLIB_LOCK = threading.Lock()
-
-
-def _stdlib_paths(python: str) -> tuple[str, ...]:
-    with _STDLIB_LOCK:
-        hit = _STDLIB_CACHE.get(python)
-    if hit is not None:
-        return hit
-    import subprocess
-
-    # exactly the sys.path the sandboxed interpreter will have (python -I -S): the standard library
-    out = subprocess.run([python, "-I", "-S", "-c", "import sys, json; print(json.dumps(sys.path))"],
-                         capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, check=True)
-    cand = json.loads(out.stdout)
-    res = []
-    for p in cand:
-        if p and os.path.exists(p):
-            rp = os.path.realpath(p)
-            if rp not in res:
-                res.append(rp)
-    hit = tuple(res)
-    with _STDLIB_LOCK:
-        _STDLIB_CACHE[python] = hit
-    return hit
-
-
-def _rmtree(path: str) -> None:
-    """Removes a sandbox's temporary directory, following nothing the sandbox made: a path that
-    failed is made writable only if it is a real directory (not a symlink) inside ``path``."""
-    root = os.path.realpath(path)
-
-    def onerror(func, p, exc_info):  # read-only directories made by the code: fix and retry
-        try:
-            target = p if stat.S_ISDIR(os.lstat(p).st_mode) else os.path.dirname(p)
-            st = os.lstat(target)
-            real = os.path.realpath(target)
-            if stat.S_ISDIR(st.st_mode) and (real == root or real.startswith(root + os.sep)):
-                os.chmod(target, 0o700)  # a real directory: chmod does not follow anything
-                func(p)
-        except OSError:
-            pass
-
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=lambda func, p, exc: onerror(func, p, None))
-    else:
-        shutil.rmtree(path, onerror=onerror)
 
 
 def _kill_group(proc) -> None:
@@ -297,7 +214,7 @@ async def run_sandboxed(
     docstring). Returns stdout (then stderr) as content. Never raises, except CancelledError,
     and kills the process group on every way out."""
     cfg = config or SandboxConfig()
-    t0 = time.monotonic()
+    t0 = queued = time.monotonic()
 
     def result(ok: bool, content: str, error: str | None) -> ToolResult:
         return ToolResult(name, ok, content, error, time.monotonic() - t0)
@@ -311,13 +228,28 @@ async def run_sandboxed(
     sem = slots if slots is not None else _DEFAULT_SANDBOX_SLOTS.get()
     async with sem:
         t0 = time.monotonic()  # the timeout and the reported time cover the run, not the queue
-        return await _run_in_process(data, cfg, timeout, max_output_chars, result)
+        tool_metrics.record_queue_wait(t0 - queued)
+        tool_metrics.sandbox_started()
+        try:
+            if cfg.pool:
+                return await _run_in_pool(data, cfg, timeout, max_output_chars, result)
+            return await _run_in_process(data, cfg, timeout, max_output_chars, result)
+        finally:
+            tool_metrics.sandbox_ended()
 
 
-async def _spawn(cfg: SandboxConfig, tmp: str, read_paths: list[str], require: bool = True):
-    """Start the bootstrap in a new session, cwd the temporary directory, minimal environment."""
+async def _run_in_pool(data: bytes, cfg: SandboxConfig, timeout: float, limit: int, result) -> ToolResult:
+    try:
+        rc, out, err, timed_out, overflow = await run_pooled(data, cfg, timeout, limit)
+    except (PoolError, OSError) as e:
+        return result(False, f"Error: the sandbox pool could not run the code: {type(e).__name__}: {e}", SANDBOX_ERROR)
+    return _classify(rc, out, err, timed_out, overflow, timeout, limit, cfg, result)
+
+
+def _bootstrap_config(cfg: SandboxConfig, tmp: str, read_paths: list[str], require: bool) -> dict:
+    """What the bootstrap reads from its argv (see sandbox_bootstrap.py)."""
     tmp_real = os.path.realpath(tmp)
-    bcfg = {
+    return {
         "tmp": tmp_real,
         "read_paths": [p for p in read_paths if p != tmp_real],
         "extra_sys_path": [os.path.realpath(p) for p in cfg.extra_sys_path],
@@ -336,8 +268,17 @@ async def _spawn(cfg: SandboxConfig, tmp: str, read_paths: list[str], require: b
         "audit_hook": bool(cfg.audit_hook),
         "require": list(cfg.require) if require else [],
     }
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": tmp_real,
-           "TMPDIR": tmp_real}
+
+
+def _environment(tmp: str) -> dict:
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp}
+
+
+async def _spawn(cfg: SandboxConfig, tmp: str, read_paths: list[str], require: bool = True):
+    """Start the bootstrap in a new session, cwd the temporary directory, minimal environment."""
+    tmp_real = os.path.realpath(tmp)
+    bcfg = _bootstrap_config(cfg, tmp_real, read_paths, require)
+    env = _environment(tmp_real)
     return await asyncio.create_subprocess_exec(
         cfg.interpreter(), "-I", "-S", "-B", "-u", "-c", _BOOTSTRAP, json.dumps(bcfg),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -424,9 +365,11 @@ async def _run_in_process(data: bytes, cfg: SandboxConfig, timeout: float, limit
 
 
 def _classify(rc, out: bytes, err: bytes, timed_out: bool, overflow: bool, timeout: float, limit: int,
-              cfg: SandboxConfig, result) -> ToolResult:
-    status: dict = {}
-    if err.startswith(_MARKER):
+              cfg: SandboxConfig, result, status: dict | None = None) -> ToolResult:
+    """The result of a run; ``status``: the layers reported earlier (a session's later cells),
+    else read from the marker line at the start of ``err``."""
+    status = dict(status or {})
+    if not status and err.startswith(_MARKER):
         line, _, err = err.partition(b"\n")
         try:
             status = json.loads(line[len(_MARKER):])
@@ -520,6 +463,14 @@ def _exposed(layers: dict) -> list[str]:
 
 
 async def _probe(cfg: SandboxConfig) -> dict:
+    if cfg.pool:  # what a pool child gets
+        try:
+            _, _, err, timed_out, _ = await run_pooled(b"pass\n", cfg, 30.0, 1 << 16, require=False)
+        except (PoolError, OSError) as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+        if err.startswith(_MARKER):
+            return json.loads(err.partition(b"\n")[0][len(_MARKER):])
+        return {"error": "probe timed out" if timed_out else err.decode("utf-8", "replace")[-2000:]}
     read_paths = await asyncio.get_running_loop().run_in_executor(None, _read_paths, cfg)
     tmp = tempfile.mkdtemp(prefix="ossrl-sandbox-")
     try:

@@ -1,6 +1,5 @@
 import sys, os, json, posix
 _cfg = json.loads(sys.argv[1])
-_code_bytes = sys.stdin.buffer.read()
 _status = {}
 
 def _step(name, fn, *args):
@@ -10,8 +9,13 @@ def _step(name, fn, *args):
     except Exception as e:
         _status[name] = "failed: %s: %s" % (type(e).__name__, e)
 
-def _setup():
-    ctypes = libc = None
+_LIBC = []
+_TYPES = {}
+
+def _libc():
+    # made once per process tree: a zygote's children reuse its ctypes objects (cheaper than anew)
+    if _LIBC:
+        return _LIBC[0]
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -20,10 +24,34 @@ def _setup():
         libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
     except Exception as e:  # no ctypes: only rlimits and the audit hook
         _status["ctypes"] = "unavailable: %s: %s" % (type(e).__name__, e)
+        return None, None
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
+    for name, fields, pack in (
+            ("MountAttr", [("set", u64), ("clr", u64), ("prop", u64), ("userns_fd", u64)], 0),
+            ("CapHeader", [("version", u32), ("pid", ctypes.c_int)], 0),
+            ("CapData", [("eff", u32), ("prm", u32), ("inh", u32)], 0),
+            ("RulesetAttr", [("fs", u64), ("net", u64), ("scoped", u64)], 0),
+            ("PathBeneath", [("allowed", u64), ("fd", ctypes.c_int32)], 1),
+            ("Prog", [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)], 0)):
+        body = {"_fields_": fields}
+        if pack:
+            body["_pack_"] = pack
+        _TYPES[name] = type(name, (ctypes.Structure,), body)
+    _LIBC.append((ctypes, libc))
+    return _LIBC[0]
+
+def _setup_shared(ctypes, libc):
+    # what does not depend on the call: done once by a warm pool's zygote (sandbox_zygote.py)
     if libc is not None:
         _step("userns", _namespaces, ctypes, libc)                     # 1. namespaces
         if _status.get("mounts") is True:
             _step("mounts", _mounts, ctypes, libc)
+
+def _setup_own(ctypes, libc):
+    # what belongs to this call (its directory, its uid, its pid): after the fork, in the child
+    if libc is not None:
+        if _status.get("mounts") is True:
+            _step("mounts", _own_tmpfs, ctypes, libc)
         _step("no_new_privs", _no_new_privs, ctypes, libc)
         if _cfg["landlock"]:
             _step("landlock", _landlock, ctypes, libc)                 # 2. filesystem
@@ -60,21 +88,21 @@ def _namespaces(ctypes, libc):
         _status["mounts"] = True
     return userns
 
-_IDS = []
+_CLOSED = []  # [None], or [a path an unprivileged uid cannot read]: checked once per process tree
 
 def _sandbox_ids():
     # As root outside a user namespace: an unused uid/gid of its own (nothing in the trainer's
-    # namespace has it), if an unprivileged uid can still read what it must read.
-    if not _IDS:
-        uid, gid = os.geteuid(), os.getegid()
-        if uid == 0 and _status.get("userns") is not True and _cfg["drop_privileges"]:
-            closed = [p for p in _readable_set() if not _others_can_read(p, _status.get("mounts") is True)]
-            if closed:
-                _IDS.append("uid 0 kept: %s is not readable by other users" % closed[0])
-            else:
-                uid = gid = 1879048192 + os.getpid()
-        _IDS[:0] = [uid, gid]
-    return _IDS[0], _IDS[1]
+    # namespace has it), if an unprivileged uid can still read what it must read. Returns
+    # (uid, gid, note): the pid is this process's own, so a zygote's children each get theirs.
+    uid, gid = os.geteuid(), os.getegid()
+    if uid == 0 and _status.get("userns") is not True and _cfg["drop_privileges"]:
+        if not _CLOSED:
+            mounts = _status.get("mounts") is True
+            _CLOSED.append(next((p for p in _readable_set() if not _others_can_read(p, mounts)), None))
+        if _CLOSED[0] is not None:
+            return uid, gid, "uid 0 kept: %s is not readable by other users" % _CLOSED[0]
+        uid = gid = 1879048192 + os.getpid()
+    return uid, gid, None
 
 def _readable_set():
     return [p for p in list(_cfg["read_paths"]) + list(_cfg["extra_sys_path"]) if os.path.exists(p)]
@@ -135,24 +163,26 @@ def _mounts(ctypes, libc):
     shadowed = _shadow_closed_dirs(mount)
     for d in _cfg["hide_paths"]:  # installed packages: only the standard library imports
         mount(b"tmpfs", d, b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k,nr_inodes=4,mode=0555")
-    uid, gid = _sandbox_ids()
-    opts = "size=%d,nr_inodes=%d,mode=0700,uid=%d,gid=%d" % (_cfg["disk_bytes"], _cfg["max_files"], uid, gid)
-    mount(b"tmpfs", _cfg["tmp"], b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts.encode())
-    os.chdir(_cfg["tmp"])  # the old cwd is the directory under the new mount
-
-    class MountAttr(ctypes.Structure):
-        _fields_ = [("set", ctypes.c_uint64), ("clr", ctypes.c_uint64), ("prop", ctypes.c_uint64),
-                    ("userns_fd", ctypes.c_uint64)]
-
+    MountAttr = _TYPES["MountAttr"]
     RDONLY, NOSUID, AT_FDCWD, AT_RECURSIVE = 1, 2, -100, 0x8000
     L = ctypes.c_long
-    def setattr_(path, flags, attr):  # mount_setattr (442 on x86-64 and aarch64; Linux >= 5.12)
-        if libc.syscall(L(442), L(AT_FDCWD), path, L(flags), ctypes.byref(attr), L(32)) != 0:
-            raise OSError(ctypes.get_errno(), "mount_setattr %s" % path.decode())
-    setattr_(b"/", AT_RECURSIVE, MountAttr(RDONLY | NOSUID, 0, 0, 0))  # the whole tree read-only
-    setattr_(_cfg["tmp"].encode(), 0, MountAttr(0, RDONLY, 0, 0))       # but its own directory
+    # mount_setattr (442 on x86-64 and aarch64; Linux >= 5.12): the whole tree read-only; the
+    # call's own tmpfs, mounted after this (_own_tmpfs), is writable
+    if libc.syscall(L(442), L(AT_FDCWD), b"/", L(AT_RECURSIVE), ctypes.byref(MountAttr(RDONLY | NOSUID, 0, 0, 0)),
+                    L(32)) != 0:
+        raise OSError(ctypes.get_errno(), "mount_setattr /")
     if shadowed:
         _status["shadowed"] = shadowed
+    return True
+
+def _own_tmpfs(ctypes, libc):
+    # the working directory: a fresh tmpfs of at most disk_bytes and max_files, no exec
+    MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+    uid, gid, _ = _sandbox_ids()
+    opts = "size=%d,nr_inodes=%d,mode=0700,uid=%d,gid=%d" % (_cfg["disk_bytes"], _cfg["max_files"], uid, gid)
+    if libc.mount(b"tmpfs", _cfg["tmp"].encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts.encode()) != 0:
+        raise OSError(ctypes.get_errno(), "mount %s" % _cfg["tmp"])
+    os.chdir(_cfg["tmp"])  # the old cwd is the directory under the new mount
     return True
 
 def _privileges(ctypes, libc):
@@ -162,18 +192,15 @@ def _privileges(ctypes, libc):
     for cap in range(64):  # EINVAL past the last capability: ignored
         libc.prctl(ctypes.c_int(PR_CAPBSET_DROP), UL(cap), UL(0), UL(0), UL(0))
     libc.prctl(ctypes.c_int(PR_CAP_AMBIENT), UL(CLEAR_ALL), UL(0), UL(0), UL(0))
-    uid, gid = _sandbox_ids()
-    note = "; " + _IDS[2] if len(_IDS) > 2 else ""
+    uid, gid, note = _sandbox_ids()
+    note = "; " + note if note else ""
     if uid != os.geteuid():
         if _status.get("mounts") is not True:
             os.chown(_cfg["tmp"], uid, gid)
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)  # from uid 0 to another: the kernel clears every capability
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-    class Data(ctypes.Structure):
-        _fields_ = [("eff", ctypes.c_uint32), ("prm", ctypes.c_uint32), ("inh", ctypes.c_uint32)]
+    Header, Data = _TYPES["CapHeader"], _TYPES["CapData"]
     data = (Data * 2)()
     if libc.capset(ctypes.byref(Header(0x20080522, 0)), data) != 0:  # _LINUX_CAPABILITY_VERSION_3
         return "capset failed: errno %d" % ctypes.get_errno()
@@ -210,6 +237,8 @@ def _rlimits():
             bad.append("%s: %s" % (name, e))
     return True if not bad else "; ".join(bad)
 
+_HOOK = []  # the audit hook, made once by a zygote whose children all use one directory
+
 def _landlock(ctypes, libc):
     L = ctypes.c_long
     abi = libc.syscall(L(444), None, L(0), L(1))  # landlock_create_ruleset(NULL, 0, VERSION)
@@ -225,14 +254,7 @@ def _landlock(ctypes, libc):
     if abi >= 5:
         fs |= IOCTL_DEV
     file_rights = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
-
-    class RulesetAttr(ctypes.Structure):
-        _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
-
-    class PathBeneath(ctypes.Structure):
-        _pack_ = 1
-        _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
-
+    RulesetAttr, PathBeneath = _TYPES["RulesetAttr"], _TYPES["PathBeneath"]
     attr = RulesetAttr(fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
     size = 8 if abi < 4 else (16 if abi < 6 else 24)
     rfd = libc.syscall(L(444), ctypes.byref(attr), L(size), L(0))
@@ -314,15 +336,10 @@ def _seccomp(ctypes, libc):
              (JEQ, 0, 1, 0), (RET, 0, 0, ALLOW), (RET, 0, 0, ERRNO)]
     prog += [(RET, 0, 0, ALLOW)]
 
-    class Insn(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                    ("k", ctypes.c_uint32)]
-
-    class Prog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
-
-    insns = (Insn * len(prog))(*[Insn(*i) for i in prog])
-    fprog = Prog(len(prog), insns)
+    import struct  # the program as bytes: one ctypes object per instruction costs milliseconds
+    code = b"".join([struct.pack("=HBBI", *i) for i in prog])
+    buf = ctypes.create_string_buffer(code, len(code))
+    fprog = _TYPES["Prog"](len(prog), ctypes.cast(buf, ctypes.c_void_p))
     UL = ctypes.c_ulong
     PR_SET_SECCOMP, PR_GET_SECCOMP, MODE_FILTER = 22, 21, 2
     if libc.prctl(ctypes.c_int(PR_SET_SECCOMP), UL(MODE_FILTER), ctypes.byref(fprog), UL(0),
@@ -332,200 +349,22 @@ def _seccomp(ctypes, libc):
         return "not in force"
     return True
 
-class SandboxViolation(PermissionError):
-    pass
-
-def _make_hook(tmp, read_dirs, violation=SandboxViolation):
-    import pathlib
-    deny_prefix = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-                   "os.forkpty", "subprocess.", "_posixsubprocess.", "pty.", "socket.",
-                   "ctypes.", "os.kill", "os.killpg", "signal.pthread_kill",
-                   "resource.setrlimit", "resource.prlimit", "gc.get_referrers",
-                   "gc.get_referents", "gc.get_objects", "os.chmod", "os.chown",
-                   "os.lchown", "os.chflags", "os.lchflags", "os.mknod", "os.setxattr",
-                   "os.removexattr", "sys.remote_exec")
-    deny_import = ("ctypes", "_ctypes", "_posixsubprocess")
-    # event: (path argument positions, dir_fd positions, "r" or "w")
-    path_events = {
-        "os.listdir": ((0,), (), "r"), "os.scandir": ((0,), (), "r"),
-        "os.listxattr": ((0,), (), "r"), "os.getxattr": ((0,), (), "r"),
-        "os.mkdir": ((0,), (2,), "w"), "os.remove": ((0,), (1,), "w"),
-        "os.rmdir": ((0,), (1,), "w"), "os.rename": ((0, 1), (2, 3), "w"),
-        "os.link": ((0, 1), (2, 3), "w"), "os.symlink": ((1,), (2,), "w"),
-        "os.truncate": ((0,), (), "w"), "os.utime": ((0,), (3,), "w"),
-        "os.mkfifo": ((0,), (2,), "w"),
-    }
-    path_types = (pathlib.PosixPath, pathlib.PurePosixPath)
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    dir_flags = os.O_DIRECTORY | getattr(os, "O_PATH", 0)
-
-    def resolve(p, _lstat=posix.lstat, _readlink=posix.readlink, _getcwd=posix.getcwd,
-                _OSError=OSError, _list=list, _reversed=reversed, _violation=violation, _len=len,
-                _FileNotFoundError=FileNotFoundError, _NotADirectoryError=NotADirectoryError):
-        if not p.startswith("/"):
-            p = _getcwd() + "/" + p
-        todo = _list(_reversed(p.split("/")))
-        out = []
-        links = 0
-        while todo:
-            c = todo.pop()
-            if c == "" or c == ".":
-                continue
-            if c == "..":
-                if out:
-                    out.pop()
-                continue
-            cand = "/" + "/".join(out + [c])
-            if _len(cand) >= 4096:  # the kernel would resolve it relative to the cwd: refuse
-                raise _violation("sandbox: path too long to check")
-            try:
-                st = _lstat(cand)
-            except (_FileNotFoundError, _NotADirectoryError):
-                out.append(c)
-                continue
-            except _OSError as e:  # fail closed: a path it cannot check is not allowed
-                raise _violation("sandbox: cannot check the path: %s" % (e.strerror,))
-            if (st.st_mode & 0o170000) == 0o120000:
-                links += 1
-                if links > 40:
-                    raise _violation("sandbox: too many symbolic links")
-                target = _readlink(cand)
-                if target.startswith("/"):
-                    out = []
-                todo.extend(_reversed(target.split("/")))
-            else:
-                out.append(c)
-        return "/" + "/".join(out)
-
-    def within(p, dirs):
-        for d in dirs:
-            if p == d or p.startswith(d + "/") or d == "/":
-                return True
-        return False
-
-    def topath(p, _type=type, _str=str, _bytes=bytes, _int=int, _fspath=posix.fspath,
-               _violation=violation, _path_types=path_types):
-        t = _type(p)
-        if t is _str:
-            return p
-        if t is _bytes:
-            return p.decode("utf-8", "surrogateescape")
-        if t in _path_types:
-            return _str(_fspath(p))
-        raise _violation("sandbox: unsupported path object %r" % (t,))
-
-    def hook(event, args, _deny_prefix=deny_prefix, _deny_import=deny_import,
-             _path_events=path_events, _resolve=resolve, _within=within, _topath=topath,
-             _tmp=(tmp,), _read=tuple([tmp] + list(read_dirs)), _violation=violation,
-             _int=int, _type=type, _len=len, _write_flags=write_flags, _dir_flags=dir_flags,
-             _isdir=posix.stat, _protected=[], _none=None, _str=str):
-        if event == "open":
-            path, mode, flags = args[0], args[1], args[2]
-            if _type(path) is _int:
-                return
-            if mode is not _none and _type(mode) is not _str:  # no methods of the caller's objects
-                raise _violation("sandbox: open() mode must be a str")
-            p = _resolve(_topath(path))
-            writing = (_type(flags) is _int and flags & _write_flags) or (
-                mode is not _none and ("w" in mode or "a" in mode or "x" in mode or "+" in mode))
-            if writing:
-                if not _within(p, _tmp):
-                    raise _violation("sandbox: writing outside the working directory is not allowed: %r" % (p,))
-                return
-            if not _within(p, _read):
-                raise _violation("sandbox: reading files outside the working directory and the standard library is not allowed: %r" % (p,))
-            if mode is _none:  # os.open: no directory fds (they would make dir_fd escapes possible)
-                if _type(flags) is _int and flags & _dir_flags:
-                    raise _violation("sandbox: opening directories with os.open is not allowed")
-                try:
-                    isdir = (_isdir(p).st_mode & 0o170000) == 0o040000
-                except OSError:
-                    isdir = False
-                if isdir:
-                    raise _violation("sandbox: opening directories with os.open is not allowed")
-            return
-        if event.startswith(_deny_prefix):
-            raise _violation("sandbox: %s is not allowed" % event)
-        if event == "import":
-            name = args[0]
-            if _type(name) is not _str:  # a str subclass's __eq__ would run inside the hook
-                raise _violation("sandbox: module names must be str")
-            for d in _deny_import:
-                if name == d or name.startswith(d + "."):
-                    raise _violation("sandbox: importing %s is not allowed" % name)
-            return
-        spec = _path_events.get(event)
-        if spec is not _none:
-            paths, dirfds, kind = spec
-            for i in dirfds:
-                if i < _len(args) and args[i] is not _none and args[i] != -1:
-                    raise _violation("sandbox: dir_fd arguments are not allowed")
-            for i in paths:
-                if i >= _len(args):
-                    continue
-                a = args[i]
-                if _type(a) is _int:
-                    if kind == "w" and event != "os.truncate":
-                        raise _violation("sandbox: %s on a file descriptor is not allowed" % event)
-                    if event in ("os.listdir", "os.scandir"):
-                        raise _violation("sandbox: %s on a file descriptor is not allowed" % event)
-                    continue
-                p = _resolve(_topath(a if a is not _none else "."))
-                if not _within(p, _tmp if kind == "w" else _read):
-                    raise _violation("sandbox: %s outside the working directory is not allowed: %r" % (event, p))
-            return
-        if event in ("object.__setattr__", "object.__delattr__"):
-            obj = args[0]
-            for o in _protected:
-                if obj is o:
-                    raise _violation("sandbox: modifying the sandbox is not allowed")
-            return
-    hook.__defaults__[-3].extend([hook, resolve, within, topath, *path_types,
-                                  pathlib.PurePath, type(pathlib.Path())])
-    return hook
-
-def _print_exception(e, traceback):
-    # the model's frames only: drop the bootstrap's and the audit hook's (file "<string>")
-    te = traceback.TracebackException(type(e), e, e.__traceback__)
-    seen, todo = set(), [te]
-    while todo:
-        t = todo.pop()
-        if t is None or id(t) in seen:
-            continue
-        seen.add(id(t))
-        t.stack = traceback.StackSummary.from_list([f for f in t.stack if f.filename != "<string>"])
-        todo += [t.__cause__, t.__context__]
-    sys.stderr.write("".join(te.format()))
-
 def _report(status):
     os.write(2, b"\x1eOSSRL-SANDBOX " + json.dumps(status).encode() + b"\n")
 
-def _main():
+def _compile(data, traceback, linecache):
+    # the code object, or None after printing the SyntaxError
     try:
-        _setup()
-    except Exception as e:  # a layer could not be set up: reported, and 'require' decides
-        _status["setup_error"] = "%s: %s" % (type(e).__name__, e)
-    import traceback, linecache, builtins  # before the hook and the memory cap bite
-    _status["audit_hook"] = bool(_cfg["audit_hook"])
-    missing = [k for k in _cfg["require"] if _status.get(k) is not True]
-    _report(_status)
-    if missing:
-        os.write(2, ("sandbox: required isolation layers unavailable: %s (%s)\n"
-                     % (", ".join(missing), json.dumps(_status))).encode())
-        os._exit(103)
-    for m in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
-        del sys.modules[m]
-    sys.path[:0] = _cfg["extra_sys_path"]
-    try:
-        code = compile(_code_bytes, "<code>", "exec")
+        code = compile(data, "<code>", "exec")
     except (SyntaxError, ValueError) as e:
         traceback.print_exception(type(e), e, None, limit=0)
-        os._exit(100)
-    src = _code_bytes.decode("utf-8", "replace")
+        return None
+    src = data.decode("utf-8", "replace")
     linecache.cache["<code>"] = (len(src), None, src.splitlines(True), "<code>")
-    if _cfg["audit_hook"]:
-        sys.addaudithook(_make_hook(_cfg["tmp"], _cfg["read_paths"]))
-    g = {"__name__": "__main__", "__builtins__": builtins}
+    return code
+
+def _run(code, g, traceback):
+    # runs the model's code; returns the exit status (the verdicts are in sandbox.py)
     status = 0
     try:
         exec(code, g)
@@ -557,6 +396,40 @@ def _main():
         sys.stderr.flush()
     except BaseException:
         pass
-    os._exit(status)
+    return status
 
-_main()
+def _main(shared=True, cells=None):
+    # cells: None for one program read from stdin; else a function that runs cells (a session)
+    try:
+        ctypes, libc = _libc()
+        if shared:
+            _setup_shared(ctypes, libc)
+        _setup_own(ctypes, libc)
+    except Exception as e:  # a layer could not be set up: reported, and 'require' decides
+        _status["setup_error"] = "%s: %s" % (type(e).__name__, e)
+    data = sys.stdin.buffer.read() if cells is None else None
+    import traceback, linecache, builtins  # before the hook and the memory cap bite
+    _status["audit_hook"] = bool(_cfg["audit_hook"])
+    missing = [k for k in _cfg["require"] if _status.get(k) is not True]
+    _report(_status)
+    if missing:
+        os.write(2, ("sandbox: required isolation layers unavailable: %s (%s)\n"
+                     % (", ".join(missing), json.dumps(_status))).encode())
+        os._exit(103)
+    for m in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
+        del sys.modules[m]
+    sys.path[:0] = _cfg["extra_sys_path"]
+    code = None
+    if cells is None:
+        code = _compile(data, traceback, linecache)
+        if code is None:
+            os._exit(100)
+    if _cfg["audit_hook"]:
+        sys.addaudithook(_HOOK[0] if _HOOK else _make_hook(_cfg["tmp"], _cfg["read_paths"]))
+    g = {"__name__": "__main__", "__builtins__": builtins}
+    if cells is not None:
+        cells(g, traceback, linecache)
+    os._exit(_run(code, g, traceback))
+
+if not _cfg.get("zygote"):  # a zygote (sandbox_zygote.py) calls _main in each child
+    _main()

@@ -25,9 +25,15 @@ How calls run
   timeout result. Such threads are counted, and once ``max_hung_threads`` are alive, further
   sync calls are refused with an ``unavailable`` result until some finish. Only trusted code
   belongs in a registered callable. Model-written code runs through the sandbox.
-* Sandboxed code runs in a fresh subprocess per call, at most ``max_sandboxes`` processes at
-  once. Waiting for a process slot does not count towards a call's timeout, and nothing waits
-  forever: every process is killed at its own timeout.
+* Sandboxed code runs in a fresh sandboxed process per call (a child forked from a warm zygote,
+  see :mod:`ossrl.rollout.sandbox_pool`), at most ``max_sandboxes`` processes at once. Waiting for
+  a process slot does not count towards a call's timeout, and nothing waits forever: every
+  process is killed at its own timeout.
+* ``python_session`` (when named in ``builtins``) keeps one sandboxed interpreter across the
+  calls of the registry's episode, like a notebook (:mod:`ossrl.rollout.sandbox_session`);
+  :meth:`ToolRegistry.close_sessions` ends it (the agent loop does when an episode ends or is
+  paused). ``backend=`` runs the ``python`` calls elsewhere, e.g. on Ray workers
+  (:mod:`ossrl.rollout.tool_backend`).
 * :meth:`ToolRegistry.run_calls` runs many calls with at most ``max_concurrency`` in flight and
   returns the results in input order.
 
@@ -50,9 +56,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
+from . import tool_metrics
 from .calculator import CalculatorError, calculator, evaluate_expression, format_number  # noqa: F401
 from .sandbox import (_DEFAULT_SANDBOX_SLOTS, SandboxConfig, _LoopLocalSemaphore, probe_sandbox,  # noqa: F401
                       run_sandboxed)
+from .sandbox_session import SandboxSession
+from .tool_schema import _json_type_name, _validate
 from .tool_result import (BAD_ARGUMENTS, CRASH, CPU_LIMIT, EXCEPTION, MEMORY_LIMIT, NONZERO_EXIT,  # noqa: F401
                           OUTPUT_TOO_LARGE, SANDBOX_ERROR, SANDBOX_VIOLATION, TIMEOUT, UNAVAILABLE,
                           UNKNOWN_TOOL, ToolCall, ToolResult)
@@ -82,83 +91,6 @@ _PYTHON_SCHEMA = {
     "required": ["code"],
     "additionalProperties": False,
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Argument validation (the subset of JSON Schema that tool definitions use)
-# --------------------------------------------------------------------------------------------
-
-_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "array": lambda v: isinstance(v, list),
-    "object": lambda v: isinstance(v, dict),
-    "null": lambda v: v is None,
-}
-
-
-def _json_type_name(v: Any) -> str:
-    for name in ("null", "boolean", "integer", "number", "string", "array", "object"):
-        if _JSON_TYPES[name](v):
-            return name
-    return type(v).__name__
-
-
-def _validate(schema: Mapping[str, Any], value: Any, where: str) -> str | None:
-    """Returns a message for the first problem found, or None."""
-    t = schema.get("type")
-    if t is not None:
-        types = [t] if isinstance(t, str) else list(t)
-        if not any(_JSON_TYPES.get(x, lambda v: True)(value) for x in types):
-            return f"{where}: expected {' or '.join(types)}, got {_json_type_name(value)}"
-    if "enum" in schema and value not in schema["enum"]:
-        return f"{where}: must be one of {json.dumps(schema['enum'])}"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            return f"{where}: must be >= {schema['minimum']}"
-        if "maximum" in schema and value > schema["maximum"]:
-            return f"{where}: must be <= {schema['maximum']}"
-    if isinstance(value, str):
-        if "minLength" in schema and len(value) < schema["minLength"]:
-            return f"{where}: must have at least {schema['minLength']} characters"
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            return f"{where}: must have at most {schema['maxLength']} characters"
-    if isinstance(value, list):
-        if "minItems" in schema and len(value) < schema["minItems"]:
-            return f"{where}: must have at least {schema['minItems']} items"
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            return f"{where}: must have at most {schema['maxItems']} items"
-        items = schema.get("items")
-        if isinstance(items, Mapping):
-            for i, v in enumerate(value):
-                msg = _validate(items, v, f"{where}[{i}]")
-                if msg:
-                    return msg
-    if isinstance(value, dict):
-        props = schema.get("properties") or {}
-        for key in schema.get("required") or ():
-            if key not in value:
-                return f"{where}: missing required argument '{key}'" if where == "arguments" else f"{where}: missing '{key}'"
-        extra = schema.get("additionalProperties", True)
-        for key, v in value.items():
-            sub = props.get(key)
-            path = f"argument '{key}'" if where == "arguments" else f"{where}.{key}"
-            if sub is None:
-                if extra is False:
-                    allowed = ", ".join(props) or "none"
-                    return f"unexpected argument '{key}' (allowed: {allowed})" if where == "arguments" \
-                        else f"{where}: unexpected key '{key}'"
-                if isinstance(extra, Mapping):
-                    msg = _validate(extra, v, path)
-                    if msg:
-                        return msg
-                continue
-            msg = _validate(sub, v, path)
-            if msg:
-                return msg
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,9 +145,14 @@ class ToolRegistry:
     ``builtins``: True (``python`` and ``calculator``), False, or an iterable of their names.
     ``default_timeout``: seconds per call unless the tool or the call says otherwise.
     ``max_output_chars``: longer results are truncated and reported as ``output_too_large``.
-    ``max_sandboxes``: sandbox processes alive at once (per event loop).
+    ``max_sandboxes``: sandbox processes alive at once (per event loop): the warm pool's size;
+    further calls wait for a slot (the wait does not count towards their timeout).
     ``max_hung_threads``: timed-out sync callables whose threads still run, before further sync
     calls are refused.
+    ``slots``: the sandbox slots of several registries at once (one registry per episode, one
+    bound for all), instead of ``max_sandboxes``.
+    ``backend``: where ``python`` calls run instead of this process's sandbox pool, e.g. a
+    :class:`~ossrl.rollout.tool_backend.RayToolBackend` (its ``call(name, arguments, timeout)``).
     """
 
     def __init__(
@@ -227,19 +164,30 @@ class ToolRegistry:
         max_output_chars: int = 16_000,
         max_sandboxes: int | None = None,
         max_hung_threads: int = 64,
+        backend: Any = None,
+        slots: _LoopLocalSemaphore | None = None,
     ):
         self.sandbox = sandbox or SandboxConfig()
         self.default_timeout = float(default_timeout)
         self.max_output_chars = int(max_output_chars)
         self.max_hung_threads = int(max_hung_threads)
-        self._slots = (_LoopLocalSemaphore(max_sandboxes) if max_sandboxes else _DEFAULT_SANDBOX_SLOTS)
+        self.backend = backend  # e.g. tool_backend.RayToolBackend: where the python tool's calls run
+        self._slots = slots or (_LoopLocalSemaphore(max_sandboxes) if max_sandboxes else _DEFAULT_SANDBOX_SLOTS)
         self._tools: dict[str, _Tool] = {}
         self._hung = _HungThreads()
         self._abandoned: set[asyncio.Future] = set()
         names = {"python", "calculator"} if builtins is True else set(builtins or ())
-        unknown = names - {"python", "calculator"}
+        unknown = names - {"python", "calculator", "python_session"}
         if unknown:
             raise ValueError(f"unknown built-in tools: {sorted(unknown)}")
+        self._session = SandboxSession(self.sandbox) if "python_session" in names else None
+        if self._session is not None:
+            self._tools["python_session"] = _Tool(
+                "python_session", None,
+                "Run Python code in a sandboxed interpreter kept for this whole episode, like a notebook: "
+                "variables, imports and files stay from one call to the next (no network, standard "
+                "library only). Returns what the code prints.",
+                _PYTHON_SCHEMA, True, None, "code", None, sandbox=True)
         if "python" in names:
             self._tools["python"] = _Tool(
                 "python", None,
@@ -327,6 +275,8 @@ class ToolRegistry:
                 raise
             return ToolResult(sname, False, f"Error: internal error while calling tool '{sname}': "
                               f"{type(e).__name__}: {e}", EXCEPTION, time.monotonic() - t0)
+        finally:
+            tool_metrics.record_call(time.monotonic() - t0)  # what the episode waited, queue included
 
     async def run_calls(self, calls: Iterable[ToolCall | tuple | Mapping[str, Any]], *,
                         max_concurrency: int = 64, timeout: float | None = None) -> list[ToolResult]:
@@ -433,7 +383,22 @@ class ToolRegistry:
                         + f"\n[output truncated: {len(text)} characters, limit {self.max_output_chars}]")
         return ToolResult(name, True, text, None, time.monotonic() - t0)
 
+    @property
+    def holds_session(self) -> bool:
+        """Whether this registry keeps a ``python_session`` interpreter (one registry per episode)."""
+        return self._session is not None
+
+    def close_sessions(self) -> None:
+        """Ends the ``python_session`` interpreter, if any (the episode ended or was paused); the
+        next call starts a fresh one. From any thread."""
+        if self._session is not None:
+            self._session.close()
+
     async def _call_sandbox(self, tool: _Tool, args: dict, limit: float, t0: float) -> ToolResult:
+        if tool.name == "python_session":  # one process, kept: no slot to wait for
+            return await self._session.run(args["code"], limit, self.max_output_chars)
+        if self.backend is not None:
+            return await self.backend.call(tool.name, args, limit)
         # run_sandboxed bounds its own run (timeout, then a kill). Waiting for a process slot is not
         # bounded on purpose: every process ahead in the queue is.
         return await run_sandboxed(args["code"], self.sandbox, timeout=limit,

@@ -28,7 +28,7 @@ class TrainConfig:
     sft_dataset: str = ""  # warm-up demonstrations: a "messages" column (OpenAI chat); none: no warm-up
     reward_funcs: list = field(default_factory=list)  # import paths "pkg.mod:fn"
     reward_weights: list = field(default_factory=list)  # one per reward function (default 1.0 each)
-    tools: list = field(default_factory=list)  # "calculator", "python" or import paths of functions
+    tools: list = field(default_factory=list)  # "calculator", "python", "python_session" or import paths of functions
     environment_factory: str = ""  # import path of a class: one instance per episode
     success_threshold: float = 1.0  # eval_success_rate: the fraction of episodes whose reward reaches this
     agent: str = ""  # import path of `async def fn(client, **row) -> float | None` (OpenAI API; ossrl.train.agents)
@@ -68,6 +68,13 @@ class TrainConfig:
     rollout_dtype: str = "same"  # same: the engine runs the trainer's modules; bfloat16/float32: its own copy
     tool_timeout: float = 5.0
     tool_concurrency: int = 64
+    # the sandboxed python tools: a warm pool (a zygote forks each call) or a fresh interpreter per call
+    sandbox_pool: bool = True
+    sandbox_slots: int = 0  # sandboxes running at once, the pool's size (0: 2 per CPU, at least 4)
+    sandbox_idle_s: float = 30.0  # a zygote without calls this long is stopped (restarted on demand)
+    sandbox_pool_memory_mb: int = 256  # the zygote's own address-space limit
+    tool_backend: str = "local"  # local | ray: python calls on Ray workers (pip install 'ossrl[ray]')
+    ray_address: str = ""  # the Ray cluster for tool_backend = "ray" ("": start a local one)
     # stragglers: each step starts prompts_per_step + extra_groups groups and trains on the groups
     # complete when prompts_per_step of them are; the others are paused and resumed next step
     extra_groups: int = 4
@@ -215,6 +222,10 @@ def validate(cfg: TrainConfig) -> None:
         if not targets or any(t not in ALLOWED_TARGETS for t in targets):
             raise ValueError(f"config key 'lora_targets' must list some of {', '.join(ALLOWED_TARGETS)}, "
                              f"got {cfg.lora_targets!r}")
+    if cfg.tool_backend not in ("local", "ray"):
+        raise ValueError(f"config key 'tool_backend' must be local or ray, got {cfg.tool_backend!r}")
+    if cfg.sandbox_slots < 0 or cfg.sandbox_pool_memory_mb <= 0:
+        raise ValueError("config keys 'sandbox_slots' must be >= 0 and 'sandbox_pool_memory_mb' positive")
     if cfg.parallel not in ("dp", "fsdp"):
         raise ValueError(f"config key 'parallel' must be dp or fsdp, got {cfg.parallel!r}")
     for key in ("warmup_steps", "sft_warmup_steps"):
@@ -228,7 +239,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg.min_lr_ratio}")
     # Every float is finite already (_coerce); these must also be positive / non-negative. A
     # NaN or negative rate would otherwise train garbage into checkpoints that rotate good ones away.
-    floats = [(cfg, k, "> 0") for k in ("lr", "sft_lr", "grad_clip", "tool_timeout", "lora_alpha", "agent_timeout")]
+    floats = [(cfg, k, "> 0") for k in ("lr", "sft_lr", "grad_clip", "tool_timeout", "lora_alpha", "agent_timeout",
+                                         "sandbox_idle_s")]
     floats += [(cfg, k, ">= 0") for k in ("weight_decay", "temperature")]
     floats += [(cfg.loss, k, ">= 0") for k in ("clip_low", "clip_high", "kl_coef")]
     for obj, key, rule in floats:

@@ -37,6 +37,7 @@ from ..model.gpt_oss import RoutingTape
 from ..model.lora import adapters_disabled, apply_lora
 from ..rollout.agent import CONTEXT, Trajectory
 from ..rollout.engine import Engine
+from ..rollout.tool_metrics import tool_step_metrics
 from . import checkpoint
 from .config import TrainConfig
 from .loss import group_advantages, policy_loss, signal_groups
@@ -545,6 +546,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, log=pr
             "mean_turns": turns / n,
             "tool_calls": int(calls),
             "tool_errors": int(errors),
+            **tool_step_metrics(),  # this process's tool latency, queue wait, calls/s, warm sandboxes
             "answered_frac": answered / n,
             "max_trajectory_tokens": int(dp.max(max((len(t.tokens) for t in trajs), default=0), device)),
             "staleness_mean": stale_sum / max(stale_n, 1),  # policy versions between sampling and training

@@ -63,7 +63,7 @@ from .data import epoch_order, hash_split, load_rows
 
 __all__ = ["Task", "Episode", "build_task", "resolve", "TaskError", "env_tool_names"]
 
-BUILTIN_TOOLS = ("calculator", "python")
+BUILTIN_TOOLS = ("calculator", "python", "python_session")
 _NOT_TOOLS = {"reset", "get_reward", "close"}
 
 
@@ -167,6 +167,7 @@ class Episode:
     env_errors: int = 0
 
     def close(self) -> None:
+        self.registry.close_sessions()
         closer = getattr(self.env, "close", None)
         self.env = None
         if callable(closer):
@@ -201,6 +202,7 @@ class Task:
     specs: list[dict] = field(default_factory=list)  # every tool's schema, for the prompt
     env_tools: list[str] = field(default_factory=list)
     agent: Any = None  # async def fn(client, **row): episodes through the OpenAI API (ossrl.train.agents)
+    tool_options: dict = field(default_factory=dict)  # ToolRegistry keywords: sandbox, slots, backend
 
     def __post_init__(self):
         self._shared: ToolRegistry | None = None
@@ -212,9 +214,12 @@ class Task:
         return self.func_names + (["get_reward"] if has else [])
 
     def registry(self, env: Any = None) -> ToolRegistry:
-        if env is None and self._shared is not None:
+        # python_session keeps an interpreter per episode: such registries are never shared
+        shared = env is None and "python_session" not in self.tools
+        if shared and self._shared is not None:
             return self._shared
-        reg = ToolRegistry(builtins=[t for t in self.tools if isinstance(t, str)], default_timeout=self.tool_timeout)
+        reg = ToolRegistry(builtins=[t for t in self.tools if isinstance(t, str)], default_timeout=self.tool_timeout,
+                           **self.tool_options)
         for fn in self.tools:
             if not isinstance(fn, str):
                 s = function_schema(fn)
@@ -224,7 +229,7 @@ class Task:
                 if s["name"] in self.env_tools:
                     reg.register(s["name"], getattr(env, s["name"]), description=s["description"],
                                  parameters_schema=s["parameters"])
-        else:
+        elif shared:
             self._shared = reg
         return reg
 
@@ -482,7 +487,27 @@ def build_task(cfg, *, environment_factory: Any = None, reward_funcs: Sequence[A
         eval_rows=(lambda n: [dict(r) for r in eval_rows[:n]]) if eval_rows is not None else (lambda n: [{} for _ in range(n)]),
         demos=demos, reward_funcs=funcs, reward_weights=weights, tools=tool_list, environment_factory=env,
         preamble=cfg.chat_preamble, success_threshold=cfg.success_threshold, tool_timeout=cfg.tool_timeout,
-        specs=[_openai_spec(s) for s in specs + env_specs], env_tools=[s["name"] for s in env_specs], agent=agent)
+        specs=[_openai_spec(s) for s in specs + env_specs], env_tools=[s["name"] for s in env_specs], agent=agent,
+        tool_options=_tool_options(cfg, tool_list))
+
+
+def _tool_options(cfg, tools: list) -> dict:
+    """The sandboxed tools' pool and backend from the config, shared by every episode's registry."""
+    if not any(t in ("python", "python_session") for t in tools):
+        return {}
+    from ..rollout.sandbox import SandboxConfig, _LoopLocalSemaphore
+
+    sandbox = SandboxConfig(pool=cfg.sandbox_pool, pool_idle_seconds=cfg.sandbox_idle_s,
+                            pool_memory_bytes=cfg.sandbox_pool_memory_mb << 20)
+    out: dict = {"sandbox": sandbox}
+    if cfg.sandbox_slots:
+        out["slots"] = _LoopLocalSemaphore(cfg.sandbox_slots)
+    if cfg.tool_backend == "ray" and "python" in tools:
+        from ..rollout.tool_backend import RayToolBackend
+
+        out["backend"] = RayToolBackend(address=cfg.ray_address or None, sandbox=sandbox,
+                                        max_sandboxes=cfg.sandbox_slots or None)
+    return out
 
 
 def _openai_spec(s: dict) -> dict:
