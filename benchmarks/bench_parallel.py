@@ -12,9 +12,10 @@ checkpointing:
    resident memory of each rank beyond its size once torch is imported (weights, gradients,
    optimizer state, activations, communication buffers; the largest rank's), and the step time
    (the second of two steps; with more ranks than cores, the ranks share the cores).
-2. The longest single trajectory one step trains within a per-rank budget, for cp = 1, 2, 4: the
-   peak at two lengths per rank, a straight line through them, extrapolated to --budget-gib (that
-   is arithmetic, reported as such, not a run).
+2. The longest single trajectory one step trains within a per-rank budget, for cp = 1, 2, 4: what
+   the second step adds to each rank's resident memory (sampled every millisecond) at two lengths
+   per rank, a straight line through them, extrapolated to --budget-gib less what the rank holds
+   between steps (arithmetic, reported as such, not a run).
 3. On paper: the memory per GPU of GPT-OSS-120b (its config.json figures) training 1M-token
    trajectories on 16 H200, by component and layout: computed, not measured (see paper()).
 """
@@ -39,6 +40,34 @@ LAYOUTS = {"dp": ("dp", 1, 1), "fsdp": ("fsdp", 1, 1), "ep": ("dp", "N", 1), "cp
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class _PeakSampler:
+    """The largest resident size seen while the block runs (sampled every millisecond), beyond
+    the size when it started: what one step adds on top of what the process already holds."""
+
+    def __enter__(self):
+        import threading
+
+        self.start = self.peak = self._now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _now(self) -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    def _run(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._now())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._now())
+        self.added = self.peak - self.start
 
 
 def _step(model, dp, optimizer, seqs: list[torch.Tensor], n_tokens: int) -> None:
@@ -84,10 +113,11 @@ def _worker(rank: int, world: int, port: int, kind: str, ep: int, cp: int, lengt
         mine = seqs[rank // cp::data_ranks]
         times = []
         for _ in range(steps):
-            t0 = time.perf_counter()
-            _step(model, dp, optimizer, mine, sum(n - 1 for n in lengths))
-            times.append(time.perf_counter() - t0)
-        results.put((rank, {"peak_mib": _rss_mib() - before, "step_s": times[-1]}))
+            with _PeakSampler() as sampled:
+                t0 = time.perf_counter()
+                _step(model, dp, optimizer, mine, sum(n - 1 for n in lengths))
+                times.append(time.perf_counter() - t0)
+        results.put((rank, {"peak_mib": _rss_mib() - before, "step_s": times[-1], "step_added_mib": sampled.added}))
     except BaseException as e:
         results.put((rank, {"error": repr(e)}))
     finally:
@@ -114,7 +144,7 @@ def measure(kind: str, ep: int, cp: int, world: int, lengths: list[int], steps: 
     errors = [v["error"] for v in got.values() if "error" in v]
     if errors:
         raise RuntimeError(f"{kind} ep={ep} cp={cp} on {world}: {errors[0]}")
-    return {"peak_mib": max(v["peak_mib"] for v in got.values()), "step_s": max(v["step_s"] for v in got.values())}
+    return {k: max(v[k] for v in got.values()) for k in ("peak_mib", "step_s", "step_added_mib")}
 
 
 def layout_table(worlds: list[int], lengths: list[int], log) -> list[dict]:
@@ -134,13 +164,17 @@ def longest_table(cps: list[int], per_rank: list[int], budget_mib: float, log) -
     rows = []
     for cp in cps:
         peaks = {}
+        held = {}
         for n in per_rank:
-            peaks[n * cp] = measure("dp", 1, cp, cp, [n * cp], steps=1)["peak_mib"]
-            log(cp, n * cp, peaks[n * cp])
+            # the second step: the first allocated the optimizer state and the gradients
+            got = measure("dp", 1, cp, cp, [n * cp], steps=2)
+            peaks[n * cp], held[n * cp] = got["step_added_mib"], got["peak_mib"] - got["step_added_mib"]
+            log(cp, n * cp, got)
         (a, pa), (b, pb) = sorted(peaks.items())[-2:]
         slope = (pb - pa) / (b - a)
-        rows.append({"cp": cp, "peaks_mib": peaks, "mib_per_token": slope,
-                     "longest_extrapolated": int(b + (budget_mib - pb) / slope)})
+        fixed = max(held.values())  # weights, gradients, optimizer state, buffers: held between steps
+        rows.append({"cp": cp, "step_added_mib": peaks, "held_mib": fixed, "mib_per_token": slope,
+                     "longest_extrapolated": int(b + (budget_mib - fixed - pb) / slope)})
     return rows
 
 
@@ -272,12 +306,13 @@ def main() -> None:
         for r in out["layouts"]:
             print(f"{r['layout']:<14} {r['world']:>5} {r.get('ep', 1):>3} {r.get('cp', 1):>3} {r['peak_mib']:>14.0f} "
                   f"{r['step_s']:>8.2f}")
-    print(f"longest single trajectory within {a.budget_gib:g} GiB per rank (straight line through the two measured "
-          f"peaks; extrapolated, not run)")
-    print(f"{'cp':>3} {'measured peaks (tokens: MiB)':<40} {'MiB/token':>10} {'longest':>10}")
+    print(f"longest single trajectory within {a.budget_gib:g} GiB per rank: what a step adds to a rank's resident "
+          f"memory (sampled every ms; the second step) at two lengths, a straight line through them, extrapolated "
+          f"to the budget less what the rank holds between steps (not run)")
+    print(f"{'cp':>3} {'step adds (tokens: MiB)':<34} {'held MiB':>9} {'MiB/token':>10} {'longest':>10}")
     for r in out["longest"]:
-        pk = ", ".join(f"{n}: {v:.0f}" for n, v in r["peaks_mib"].items())
-        print(f"{r['cp']:>3} {pk:<40} {r['mib_per_token']:>10.4f} {r['longest_extrapolated']:>10}")
+        pk = ", ".join(f"{n}: {v:.0f}" for n, v in r["step_added_mib"].items())
+        print(f"{r['cp']:>3} {pk:<34} {r['held_mib']:>9.0f} {r['mib_per_token']:>10.4f} {r['longest_extrapolated']:>10}")
     print_paper(out["paper"])
     if a.json:
         with open(a.json, "w") as f:

@@ -59,6 +59,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "ossrl/cuda_arch.h"
 #include "ossrl/check.h"
 
 namespace ossrl {
@@ -1005,6 +1006,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cuda(
     const at::Tensor& cu_q_in, const at::Tensor& cu_k_in, int64_t max_seqlen_q,
     int64_t max_seqlen_k, bool causal, int64_t window, const std::optional<at::Tensor>& sinks_in,
     double softmax_scale) {
+  ossrl::cuda::require_kernel_image(q, "varlen_attention");
   const char* op = "varlen_attention";
   const AttnDims d = check_varlen(op, q_in, k_in, v_in, cu_q_in, cu_k_in, max_seqlen_q,
                                   max_seqlen_k, window);
@@ -1061,6 +1063,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_back
     const at::Tensor& cu_q_in, const at::Tensor& cu_k_in, int64_t max_seqlen_q,
     int64_t max_seqlen_k, bool causal, int64_t window, const std::optional<at::Tensor>& sinks_in,
     double softmax_scale) {
+  ossrl::cuda::require_kernel_image(grad_out, "varlen_attention_backward");
   const char* op = "varlen_attention_backward";
   const AttnDims d = check_varlen(op, q_in, k_in, v_in, cu_q_in, cu_k_in, max_seqlen_q,
                                   max_seqlen_k, window);
@@ -1178,6 +1181,7 @@ void paged_kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& k_in, const at::Tensor& v_in,
                           const at::Tensor& block_table_in, const at::Tensor& cu_in,
                           const at::Tensor& cache_seqlens_in) {
+  ossrl::cuda::require_kernel_image(k_cache, "paged_kv_append");
   const char* op = "paged_kv_append";
   check_dim(k_in, 3, op, "k");
   check_dim(v_in, 3, op, "v");
@@ -1250,6 +1254,7 @@ at::Tensor paged_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
                                 int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
                                 int64_t window, const std::optional<at::Tensor>& sinks_in,
                                 double softmax_scale) {
+  ossrl::cuda::require_kernel_image(q_in, "paged_attention");
   const char* op = "paged_attention";
   check_dim(q_in, 3, op, "q");
   check_float(q_in, op, "q");

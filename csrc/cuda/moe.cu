@@ -45,6 +45,7 @@
 #include <optional>
 #include <type_traits>
 
+#include "ossrl/cuda_arch.h"
 #include "ossrl/check.h"
 #include "ossrl/moe_args.h"
 
@@ -1152,6 +1153,7 @@ void launch_combine(const at::Tensor& y, const at::Tensor& inv, int64_t topk, at
 
 at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
                              const std::optional<at::Tensor>& bias) {
+  ossrl::cuda::require_kernel_image(x, "grouped_gemm");
   const char* op = "grouped_gemm";
   check_cuda(x, op, "x");
   check_grouped_gemm(x, w, offsets, bias, op);
@@ -1206,6 +1208,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at:
 std::tuple<at::Tensor, at::Tensor> grouped_gemm_dw_cuda(const at::Tensor& x, const at::Tensor& dy,
                                                         const at::Tensor& offsets,
                                                         bool bias_grad) {
+  ossrl::cuda::require_kernel_image(x, "grouped_gemm_dw");
   const char* op = "grouped_gemm_dw";
   check_cuda(x, op, "x");
   const int64_t E = check_grouped_gemm_dw(x, dy, offsets, op);
@@ -1264,6 +1267,7 @@ void sort_by_expert_cuda(const at::Tensor& experts, int64_t E, at::Tensor& order
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
     const at::Tensor& router_logits, int64_t top_k) {
+  ossrl::cuda::require_kernel_image(router_logits, "moe_route");
   const char* op = "moe_route";
   check_cuda(router_logits, op, "router_logits");
   check_dim(router_logits, 2, op, "router_logits");
@@ -1324,6 +1328,7 @@ void sort_by_expert_cuda(const at::Tensor& experts, int64_t E, at::Tensor& order
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_given_cuda(
     const at::Tensor& router_logits, const at::Tensor& given) {
+  ossrl::cuda::require_kernel_image(router_logits, "moe_route_given");
   const char* op = "moe_route_given";
   check_cuda(router_logits, op, "router_logits");
   check_dim(router_logits, 2, op, "router_logits");
@@ -1381,6 +1386,7 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_cuda(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& order,
     const at::Tensor& offsets, const at::Tensor& w_gate_up, const at::Tensor& b_gate_up,
     const at::Tensor& w_down, const at::Tensor& b_down, double alpha, double limit) {
+  ossrl::cuda::require_kernel_image(x, "moe_experts");
   const char* op = "moe_experts";
   const ExpertArgs a = check_experts(x, weights, order, offsets, w_gate_up, &b_gate_up, w_down,
                                      b_down, op);
@@ -1472,6 +1478,7 @@ moe_experts_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                           const at::Tensor& offsets, const at::Tensor& h,
                           const at::Tensor& w_gate_up, const at::Tensor& w_down,
                           const at::Tensor& b_down, double alpha, double limit) {
+  ossrl::cuda::require_kernel_image(grad_out, "moe_experts_backward");
   const char* op = "moe_experts_backward";
   const ExpertArgs a = check_experts(x, weights, order, offsets, w_gate_up, nullptr, w_down,
                                      b_down, op);

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <vector>
 
+#include "ossrl/cuda_arch.h"
 #include "ossrl/check.h"
 
 namespace ossrl::reshard {
@@ -483,6 +484,7 @@ void add_pair(std::vector<Desc>& out, int64_t& total, const at::Tensor& d, const
 void multi_tensor_copy_cuda(at::TensorList dsts, at::TensorList srcs) {
   const std::vector<int64_t> todo = validate_multi_tensor_copy(dsts, srcs);
   if (todo.empty()) return;
+  ossrl::cuda::require_kernel_image(dsts[0], "multi_tensor_copy");
   OSSRL_CHECK(dsts[0].is_cuda(), kOp, "the CUDA kernel got tensors on ", dsts[0].device());
   const c10::cuda::CUDAGuard guard(dsts[0].device());
 
