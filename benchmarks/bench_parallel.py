@@ -13,9 +13,9 @@ checkpointing:
    optimizer state, activations, communication buffers; the largest rank's), and the step time
    (the second of two steps; with more ranks than cores, the ranks share the cores).
 2. The longest single trajectory one step trains within a per-rank budget, for cp = 1, 2, 4: what
-   the second step adds to each rank's resident memory (sampled every millisecond) at two lengths
-   per rank, a straight line through them, extrapolated to --budget-gib less what the rank holds
-   between steps (arithmetic, reported as such, not a run).
+   the forward and backward of the second step add to each rank's resident memory (sampled every
+   millisecond) at two lengths per rank, a straight line through them, extrapolated to
+   --budget-gib less what the rank holds between steps (arithmetic, reported as such, not a run).
 3. On paper: the memory per GPU of GPT-OSS-120b (its config.json figures) training 1M-token
    trajectories on 16 H200, by component and layout: computed, not measured (see paper()).
 """
@@ -35,11 +35,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 LAYOUTS = {"dp": ("dp", 1, 1), "fsdp": ("fsdp", 1, 1), "ep": ("dp", "N", 1), "cp": ("dp", 1, "N"),
-           "ep+cp": ("dp", "N", "N")}
+           "ep+cp": ("dp", "N", "N"), "fsdp+ep": ("fsdp", "N", 1)}
 
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _now_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 class _PeakSampler:
@@ -49,28 +54,24 @@ class _PeakSampler:
     def __enter__(self):
         import threading
 
-        self.start = self.peak = self._now()
+        self.start = self.peak = _now_mib()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
-    def _now(self) -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
     def _run(self):
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self._now())
+            self.peak = max(self.peak, _now_mib())
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._now())
+        self.peak = max(self.peak, _now_mib())
         self.added = self.peak - self.start
 
 
-def _step(model, dp, optimizer, seqs: list[torch.Tensor], n_tokens: int) -> None:
+def _step(model, dp, optimizer, seqs: list[torch.Tensor], n_tokens: int, sampler) -> None:
     ids = torch.cat(seqs)
     targets = torch.cat([torch.roll(s, -1) for s in seqs])
     cu = torch.tensor([0] + [len(s) for s in seqs], dtype=torch.int32).cumsum(0, dtype=torch.int32)
@@ -81,7 +82,7 @@ def _step(model, dp, optimizer, seqs: list[torch.Tensor], n_tokens: int) -> None
         ids, targets, mask = (shard.local(t) for t in (ids, targets, mask))
         cu = shard.cu_seqlens_q
     optimizer.zero_grad(set_to_none=True)
-    with model.context_shard(shard):
+    with sampler, model.context_shard(shard):  # the part that grows with the tokens
         logp = model.token_logprobs(ids, cu, targets)
         (-(logp * mask).sum() / n_tokens).backward()
     dp.reduce_grads(model)
@@ -113,11 +114,13 @@ def _worker(rank: int, world: int, port: int, kind: str, ep: int, cp: int, lengt
         mine = seqs[rank // cp::data_ranks]
         times = []
         for _ in range(steps):
-            with _PeakSampler() as sampled:
-                t0 = time.perf_counter()
-                _step(model, dp, optimizer, mine, sum(n - 1 for n in lengths))
-                times.append(time.perf_counter() - t0)
-        results.put((rank, {"peak_mib": _rss_mib() - before, "step_s": times[-1], "step_added_mib": sampled.added}))
+            sampled = _PeakSampler()
+            t0 = time.perf_counter()
+            _step(model, dp, optimizer, mine, sum(n - 1 for n in lengths), sampled)
+            times.append(time.perf_counter() - t0)
+        held = _now_mib()  # weights, gradients, optimizer state, between steps
+        results.put((rank, {"peak_mib": _rss_mib() - before, "step_s": times[-1], "fb_added_mib": sampled.added,
+                            "held_mib": held - before}))
     except BaseException as e:
         results.put((rank, {"error": repr(e)}))
     finally:
@@ -144,17 +147,19 @@ def measure(kind: str, ep: int, cp: int, world: int, lengths: list[int], steps: 
     errors = [v["error"] for v in got.values() if "error" in v]
     if errors:
         raise RuntimeError(f"{kind} ep={ep} cp={cp} on {world}: {errors[0]}")
-    return {k: max(v[k] for v in got.values()) for k in ("peak_mib", "step_s", "step_added_mib")}
+    return {k: max(v[k] for v in got.values()) for k in ("peak_mib", "step_s", "fb_added_mib", "held_mib")}
 
 
-def layout_table(worlds: list[int], lengths: list[int], log) -> list[dict]:
-    rows = [{"layout": "one process", "world": 1, **measure("dp", 1, 1, 1, lengths)}]
-    log(rows[-1])
+def layout_table(worlds: list[int], lengths: list[int], names: list[str], log) -> list[dict]:
+    rows = []
+    if "one" in names:
+        rows.append({"layout": "one process", "world": 1, **measure("dp", 1, 1, 1, lengths)})
+        log(rows[-1])
     for world in worlds:
         for name, (kind, ep, cp) in LAYOUTS.items():
-            ep, cp = (world if ep == "N" else ep), (world if cp == "N" else cp)
-            if kind == "fsdp" and ep > 1:
+            if name not in names:
                 continue
+            ep, cp = (world if ep == "N" else ep), (world if cp == "N" else cp)
             rows.append({"layout": name, "world": world, "ep": ep, "cp": cp, **measure(kind, ep, cp, world, lengths)})
             log(rows[-1])
     return rows
@@ -168,12 +173,12 @@ def longest_table(cps: list[int], per_rank: list[int], budget_mib: float, log) -
         for n in per_rank:
             # the second step: the first allocated the optimizer state and the gradients
             got = measure("dp", 1, cp, cp, [n * cp], steps=2)
-            peaks[n * cp], held[n * cp] = got["step_added_mib"], got["peak_mib"] - got["step_added_mib"]
+            peaks[n * cp], held[n * cp] = got["fb_added_mib"], got["held_mib"]
             log(cp, n * cp, got)
         (a, pa), (b, pb) = sorted(peaks.items())[-2:]
         slope = (pb - pa) / (b - a)
         fixed = max(held.values())  # weights, gradients, optimizer state, buffers: held between steps
-        rows.append({"cp": cp, "step_added_mib": peaks, "held_mib": fixed, "mib_per_token": slope,
+        rows.append({"cp": cp, "fb_added_mib": peaks, "held_mib": fixed, "mib_per_token": slope,
                      "longest_extrapolated": int(b + (budget_mib - fixed - pb) / slope)})
     return rows
 
@@ -287,16 +292,20 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=1024, help="tokens per trajectory of the 8-trajectory batch")
     ap.add_argument("--per-rank", default="1024,2048", help="per-rank lengths of the longest-trajectory fit")
     ap.add_argument("--budget-gib", type=float, default=4.0)
+    ap.add_argument("--layouts", default=",".join(["one", *LAYOUTS]), help="which rows of the first table")
     ap.add_argument("--skip-layouts", action="store_true")
+    ap.add_argument("--skip-longest", action="store_true")
     ap.add_argument("--json")
     a = ap.parse_args()
     log = lambda *x: print(*x, file=sys.stderr, flush=True)
     worlds = [int(w) for w in a.worlds.split(",")]
     out = {"args": vars(a), "torch": torch.__version__}
     if not a.skip_layouts:
-        out["layouts"] = layout_table(worlds, [a.length] * 8, log)
-    out["longest"] = longest_table([1, *worlds], [int(n) for n in a.per_rank.split(",")], a.budget_gib * 1024, log)
-    cp1 = next((r for r in out["longest"] if r["cp"] == 1), None)
+        out["layouts"] = layout_table(worlds, [a.length] * 8, a.layouts.split(","), log)
+    if not a.skip_longest:
+        out["longest"] = longest_table([1, *worlds], [int(n) for n in a.per_rank.split(",")], a.budget_gib * 1024,
+                                       log)
+    cp1 = next((r for r in out.get("longest", []) if r["cp"] == 1), None)
     out["paper"] = paper(cp1["mib_per_token"] if cp1 else None)
     print(f"torch {torch.__version__} | small model (56M, fp32, activation checkpointing) | gloo, 1 thread per rank")
     if "layouts" in out:
@@ -306,13 +315,15 @@ def main() -> None:
         for r in out["layouts"]:
             print(f"{r['layout']:<14} {r['world']:>5} {r.get('ep', 1):>3} {r.get('cp', 1):>3} {r['peak_mib']:>14.0f} "
                   f"{r['step_s']:>8.2f}")
-    print(f"longest single trajectory within {a.budget_gib:g} GiB per rank: what a step adds to a rank's resident "
-          f"memory (sampled every ms; the second step) at two lengths, a straight line through them, extrapolated "
-          f"to the budget less what the rank holds between steps (not run)")
-    print(f"{'cp':>3} {'step adds (tokens: MiB)':<34} {'held MiB':>9} {'MiB/token':>10} {'longest':>10}")
-    for r in out["longest"]:
-        pk = ", ".join(f"{n}: {v:.0f}" for n, v in r["step_added_mib"].items())
-        print(f"{r['cp']:>3} {pk:<34} {r['held_mib']:>9.0f} {r['mib_per_token']:>10.4f} {r['longest_extrapolated']:>10}")
+    if "longest" in out:
+        print(f"longest single trajectory within {a.budget_gib:g} GiB per rank: what the forward and backward add to "
+              f"a rank's resident memory (sampled every ms; the second step) at two lengths, a straight line through "
+              f"them, extrapolated to the budget less what the rank holds between steps (not run)")
+        print(f"{'cp':>3} {'fwd+bwd add (tokens: MiB)':<34} {'held MiB':>9} {'MiB/token':>10} {'longest':>10}")
+        for r in out["longest"]:
+            pk = ", ".join(f"{n}: {v:.0f}" for n, v in r["fb_added_mib"].items())
+            print(f"{r['cp']:>3} {pk:<34} {r['held_mib']:>9.0f} {r['mib_per_token']:>10.4f} "
+                  f"{r['longest_extrapolated']:>10}")
     print_paper(out["paper"])
     if a.json:
         with open(a.json, "w") as f:

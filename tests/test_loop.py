@@ -215,6 +215,9 @@ def _dp_worker(rank, world, port, run_dir, args, results):
     pytest.param("fsdp", ["context_parallel=2", "activation_checkpointing=true"], id="fsdp-cp-ckpt"),
     pytest.param("dp", ["expert_parallel=2", "context_parallel=2", "lora_rank=4", "micro_batch_tokens=64"],
                  id="ep-cp-lora"),
+    # FSDP2 shards the dense weights, expert parallelism the experts; the engine's replica is
+    # refreshed by one reshard plan per mesh
+    pytest.param("fsdp", ["expert_parallel=2", "micro_batch_tokens=64"], id="fsdp-ep"),
 ])
 def test_two_process_gloo_run_matches_one_process(tmp_path, parallel, extra):
     """Two ranks, each with half of every batch and gradients summed, compute what one process

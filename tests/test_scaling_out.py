@@ -72,7 +72,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def _layouts_worker(rank: int, world: int, layouts) -> None:
     import torch.distributed as dist
 
-    from ossrl.train.parallel import DataParallel
+    from ossrl.train.parallel import make_parallel
 
     seqs = _seqs()
     n_tokens = sum(n - 1 for n in LENGTHS)
@@ -88,9 +88,9 @@ def _layouts_worker(rank: int, world: int, layouts) -> None:
     opt = torch.optim.AdamW(ref.parameters(), lr=LR, eps=EPS)
     opt.step()
 
-    for ep, cp in layouts:
-        where = f"ep={ep} cp={cp} rank {rank}"
-        dp = DataParallel(ep, cp)
+    for kind, ep, cp in layouts:
+        where = f"{kind} ep={ep} cp={cp} rank {rank}"
+        dp = make_parallel(kind, ep, cp)
         model = dp.prepare(copy.deepcopy(base))
         mine = seqs[(rank // cp)::world // cp]
         ids, targets, cu, mask = _batch(mine)
@@ -108,7 +108,7 @@ def _layouts_worker(rank: int, world: int, layouts) -> None:
         total = loss.detach().clone()
         dist.all_reduce(total)
         _close(total, ref_loss.detach(), f"{where}: loss")
-        dp.sum_grads(model)
+        dp.reduce_grads(model)
         grads = {k: _full(p.grad) for k, p in model.named_parameters()}
         for k, g in ref_grads.items():
             _close(grads[k], g, f"{where}: grad {k}")
@@ -124,8 +124,9 @@ def _layouts_worker(rank: int, world: int, layouts) -> None:
 
 
 @pytest.mark.parametrize("world, layouts", [
-    pytest.param(2, [(2, 1), (1, 2), (2, 2)], id="2-ranks"),
-    pytest.param(4, [(4, 1), (1, 4), (2, 2), (4, 2)], id="4-ranks"),
+    pytest.param(2, [("dp", 2, 1), ("dp", 1, 2), ("dp", 2, 2), ("fsdp", 2, 2)], id="2-ranks"),
+    pytest.param(4, [("dp", 4, 1), ("dp", 1, 4), ("dp", 2, 2), ("dp", 4, 2), ("fsdp", 2, 1), ("fsdp", 2, 4)],
+                 id="4-ranks"),
 ])
 def test_layouts_match_one_process(world, layouts):
     run_ranks(_layouts_worker, world, layouts)
@@ -167,15 +168,13 @@ def test_context_shard_pieces():
 def _bad_config_worker(rank: int, world: int) -> None:
     from ossrl.model import GptOss, GptOssConfig
     from ossrl.model.distributed import ContextShard
-    from ossrl.train.parallel import DataParallel, make_parallel
+    from ossrl.train.parallel import DataParallel
 
     for ep, cp in ((3, 1), (1, 4), (0, 1)):
         with pytest.raises(ValueError, match="must divide the number of processes"):
             DataParallel(ep, cp)
     with pytest.raises(ValueError, match="must divide the number of experts"):
         DataParallel(2, 1).prepare(GptOss(GptOssConfig.tiny(num_local_experts=3)))
-    with pytest.raises(ValueError, match="not supported yet"):
-        make_parallel("fsdp", 2, 1)
     dp = DataParallel(1, 2)
     with pytest.raises(ValueError, match="cannot give every rank at least one"):
         ContextShard(dp.cp_group, torch.tensor([0, 1], dtype=torch.int32))
@@ -191,15 +190,16 @@ def _train_worker(rank: int, world: int, args: list[str]) -> None:
     assert main(["train", *args]) == 0
 
 
-def test_expert_parallel_checkpoint_resumes_the_run(tmp_path):
-    """Under expert_parallel=2 the checkpoint holds every expert whole (the shards gathered), and
+@pytest.mark.parametrize("parallel", ["dp", "fsdp"])
+def test_expert_parallel_checkpoint_resumes_the_run(tmp_path, parallel):
+    """Under expert_parallel=2 (dense weights replicated or FSDP-sharded) the checkpoint holds every expert whole (the shards gathered), and
     --resume puts each rank's shard back: stopping after step 1 and resuming ends where the
     uninterrupted run does."""
     from safetensors.torch import load_file
 
     args = ["sft_steps=4", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=100",
             "checkpoint_every=1", "max_turns=2", "sft_batch=8", "filter_groups=false", "extra_groups=0",
-            "expert_parallel=2"]
+            "expert_parallel=2", f"parallel={parallel}"]
     run_ranks(_train_worker, 2, ["--run-dir", str(tmp_path / "straight"), "steps=2", *args])
     run_ranks(_train_worker, 2, ["--run-dir", str(tmp_path / "split"), "steps=1", *args])
     first = tmp_path / "split" / "checkpoints" / "step_00000001" / "model.safetensors"

@@ -63,6 +63,8 @@ from .ops import multi_tensor_copy_
 
 __all__ = [
     "KINDS",
+    "PlanSet",
+    "build_plans",
     "TensorParallel",
     "Mapping",
     "identity",
@@ -1035,3 +1037,54 @@ def shared_destinations(
             view = view.narrow(d, m.tp.rank * c, c)
         out[m.dst] = view
     return out
+
+
+class PlanSet:
+    """Plans run one after the other, as one: what :func:`build_plans` returns."""
+
+    def __init__(self, plans: list[ReshardPlan]):
+        self.plans = plans
+
+    def sync(self, sources: MappingABC[str, Tensor] | torch.nn.Module | None = None) -> SyncStats:
+        total = SyncStats()
+        for p in self.plans:
+            s = p.sync(sources)
+            for f in ("bytes_moved", "seconds", "collectives", "copies", "skipped", "buckets"):
+                setattr(total, f, getattr(total, f) + getattr(s, f))
+            total.peak_extra_bytes = max(total.peak_extra_bytes, s.peak_extra_bytes)
+        return total
+
+
+def build_plans(mappings: Iterable[Mapping], sources: MappingABC[str, Tensor] | torch.nn.Module,
+                destinations: MappingABC[str, Tensor] | torch.nn.Module, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                strict: bool = True) -> ReshardPlan | PlanSet:
+    """:func:`build_plan` for sources sharded over several device meshes (FSDP2's over every rank
+    and expert parallelism's over a block of ranks): one plan per mesh, the plain sources with the
+    first, in the order the mappings first read each mesh (the same on every rank, since building
+    a plan is collective over its mesh). One mesh or none: just :func:`build_plan`."""
+    mappings = list(mappings)
+    srcs = _as_dict(sources, "sources")
+    mesh_of = lambda n: id(srcs[n].device_mesh) if _is_dtensor(srcs.get(n)) and srcs[n].device_mesh.size() > 1 else None
+    keys: list = []
+    for m in mappings:
+        for n in m.srcs:
+            k = mesh_of(n) if n in srcs else None
+            if k is not None and k not in keys:
+                keys.append(k)
+    if len(keys) <= 1:
+        return build_plan(mappings, srcs, destinations, bucket_bytes=bucket_bytes, strict=strict)
+    if strict:  # checked once over everything (each part is partial); the parts check the rest
+        used = {n for m in mappings for n in m.srcs}
+        unused, unwritten = sorted(set(srcs) - used), sorted(set(_as_dict(destinations, "destinations")) -
+                                                              {m.dst for m in mappings})
+        if unused or unwritten:
+            raise ValueError(f"reshard: training parameters not used by any mapping: {unused}; destinations not "
+                             f"written by any mapping: {unwritten} (pass strict=False to allow)")
+    parts: dict = {k: [] for k in keys}
+    for m in mappings:
+        ks = {mesh_of(n) for n in m.srcs if n in srcs} - {None}
+        if len(ks) > 1:
+            raise ValueError(f"reshard: mapping to {m.dst!r} reads sources on different device meshes")
+        parts[next(iter(ks)) if ks else keys[0]].append(m)
+    return PlanSet([build_plan(ms, {n: srcs[n] for m in ms for n in m.srcs if n in srcs}, destinations,
+                               bucket_bytes=bucket_bytes, strict=False) for ms in parts.values()])

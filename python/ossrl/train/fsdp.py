@@ -52,7 +52,7 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def shard_model(model: GptOss) -> GptOss:
+def shard_model(model: GptOss, ignored_params: set | None = None) -> GptOss:
     """Shards ``model`` in place over all ranks of the default process group and returns it.
 
     One FSDP group per decoder layer (gathered one layer at a time), then the root (embedding,
@@ -61,15 +61,16 @@ def shard_model(model: GptOss) -> GptOss:
 
     A tied lm_head (``tie_word_embeddings``) is one parameter under two names, both in the root
     group: FSDP shards it once, and the full state dict lists it under both names, as
-    ``GptOss.state_dict()`` does.
+    ``GptOss.state_dict()`` does. ``ignored_params``: left as they are (expert parallelism's
+    shards).
     """
     if not dist.is_initialized():
         raise RuntimeError("shard_model: torch.distributed is not initialised (call init_process_group first)")
     device = _device()
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, ignored_params=ignored_params)
+    fully_shard(model, mesh=mesh, ignored_params=ignored_params)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             # Sum, do not average. With factor 1 FSDP would ask for ReduceOp.PREMUL_SUM, which gloo

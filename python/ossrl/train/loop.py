@@ -89,7 +89,8 @@ def sync_plan(model, engine_model, *, trainable_only: bool = False):
     if engine_model is model:
         return None
     names = [n for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
-    return reshard.build_plan([reshard.cast(n, n) for n in names], model, engine_model, strict=not trainable_only)
+    # FSDP2 and expert parallelism together shard over two meshes: a plan for each
+    return reshard.build_plans([reshard.cast(n, n) for n in names], model, engine_model, strict=not trainable_only)
 
 
 # ---- packing ----

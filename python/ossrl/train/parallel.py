@@ -103,11 +103,14 @@ class DataParallel:
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        plain = [g for g in grads if not hasattr(g, "to_local")]
-        shards = [g.to_local() for g in grads if hasattr(g, "to_local")]
-        _all_reduce_flat(plain, None)
-        if shards and self.world > self.ep:
-            _all_reduce_flat(shards, self.ep_mesh["replica"].get_group())
+        _all_reduce_flat([g for g in grads if not hasattr(g, "to_local")], None)
+        self._sum_expert_grads(model)
+
+    def _sum_expert_grads(self, model: torch.nn.Module) -> None:
+        """Expert shards: summed over the world // ep blocks that hold the same experts."""
+        if self.ep > 1 and self.world > self.ep:
+            _all_reduce_flat([p.grad.to_local() for p in _expert_params(model) if p.grad is not None],
+                             self.ep_mesh["replica"].get_group())
 
     def clip_grads(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """Scales the gradients to a total 2-norm of at most max_norm (the norm over the whole
@@ -115,12 +118,22 @@ class DataParallel:
         params = [p for p in model.parameters() if p.grad is not None]
         if self.ep == 1:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        sq = [p.grad.float().pow(2).sum() for p in params if not hasattr(p.grad, "to_local")]
-        shard_sq = torch.stack([p.grad.to_local().float().pow(2).sum() for p in params
-                                if hasattr(p.grad, "to_local")] or [torch.zeros((), device=_device())])
-        shard_sq = shard_sq.sum().to(_device())
-        dist.all_reduce(shard_sq, group=self.ep_mesh["ep"].get_group())  # each block holds every expert once
-        norm = (torch.stack(sq).sum().to(shard_sq.device) + shard_sq).sqrt() if sq else shard_sq.sqrt()
+        # Shards of several meshes (experts over their block, FSDP's over every rank): each mesh's
+        # squares summed over its ranks, whole (replicated) gradients counted once.
+        total = torch.zeros((), dtype=torch.float64, device=_device())
+        by_mesh: dict = {}
+        for p in params:
+            if hasattr(p.grad, "to_local"):
+                mesh = p.grad.device_mesh
+                by_mesh.setdefault(id(mesh), [mesh, []])[1].append(p.grad.to_local())
+            else:
+                total += p.grad.double().pow(2).sum().to(total.device)
+        for mesh, local in by_mesh.values():  # the same meshes, in the same order, on every rank
+            sq = torch.stack([g.double().pow(2).sum().to(total.device) for g in local]).sum()
+            if mesh.size() > 1:
+                dist.all_reduce(sq, group=mesh.get_group())
+            total += sq
+        norm = total.sqrt().float()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in params:
             g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
@@ -195,14 +208,14 @@ class FullyShardedDataParallel(DataParallel):
         super().__init__(expert_parallel, context_parallel)
         if not self.on:
             raise ValueError("parallel = 'fsdp' needs several processes (torchrun --nproc-per-node N)")
-        if self.ep > 1:
-            raise ValueError("expert_parallel with parallel = 'fsdp' is not supported yet: use parallel = 'dp' "
-                             "(the experts are still split across ranks; the dense weights are replicated)")
 
     def prepare(self, model):
         from .fsdp import shard_model
 
-        return shard_model(model)
+        # Expert shards stay out of FSDP: expert parallelism already splits them (FSDP2 would
+        # shard them again over every rank); the dense weights are FSDP's.
+        experts = set(shard_experts(model, self.ep_mesh["ep"])) if self.ep > 1 else None
+        return shard_model(model, ignored_params=experts)
 
     def passes(self, model, n):
         from .fsdp import equal_micro_batches, sync_on_last
@@ -211,7 +224,7 @@ class FullyShardedDataParallel(DataParallel):
             yield i if i < n else None
 
     def reduce_grads(self, model):
-        pass  # reduce-scattered by FSDP in the last backward
+        self._sum_expert_grads(model)  # the dense ones are reduce-scattered by FSDP in the last backward
 
     def state_dicts(self, model, optimizer):
         from .fsdp import full_state_dicts
@@ -242,7 +255,14 @@ def _all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
         offset += t.numel()
 
 
-def shard_experts(model: torch.nn.Module, mesh) -> None:
+def _expert_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    from ..model.gpt_oss import MoE
+
+    return [p for m in model.modules() if isinstance(m, MoE) and m.expert_shard is not None
+            for p in m.experts.parameters()]
+
+
+def shard_experts(model: torch.nn.Module, mesh) -> list[torch.nn.Parameter]:
     """Keeps this rank's experts of every MoE layer of ``model`` (the same full weights on every
     rank, as after loading): each expert weight becomes a ``Shard(0)`` DTensor on the 1-D ``mesh``,
     and each layer an :class:`~ossrl.model.distributed.ExpertShard` over its group."""
@@ -262,6 +282,7 @@ def shard_experts(model: torch.nn.Module, mesh) -> None:
                                      requires_grad=p.requires_grad)
             setattr(m.experts, name, new)
         m.expert_shard = shard
+    return _expert_params(model)
 
 
 def make_parallel(kind: str, expert_parallel: int = 1, context_parallel: int = 1) -> DataParallel:
