@@ -13,8 +13,8 @@ checkpointing:
    optimizer state, activations, communication buffers; the largest rank's), and the step time
    (the second of two steps; with more ranks than cores, the ranks share the cores).
 2. The longest single trajectory one step trains within a per-rank budget, for cp = 1, 2, 4: what
-   the forward and backward of the second step add to each rank's resident memory (sampled every
-   millisecond) at two lengths per rank, a straight line through them, extrapolated to
+   the forward and backward of the second step add to the memory each rank has in use (malloc's
+   count over every arena, sampled every millisecond) at two lengths per rank, a straight line through them, extrapolated to
    --budget-gib less what the rank holds between steps (arithmetic, reported as such, not a run).
 3. On paper: the memory per GPU of GPT-OSS-120b (its config.json figures) training 1M-token
    trajectories on 16 H200, by component and layout: computed, not measured (see paper()).
@@ -23,6 +23,7 @@ checkpointing:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -42,14 +43,26 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_libc = ctypes.CDLL(None)
+_libc.mallinfo2.restype = _MallInfo2
+
+
 def _now_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    """Bytes malloc has handed out and not had back, over every arena (mmapped blocks included).
+    Unlike the resident size, memory freed but kept by the allocator does not count, so what one
+    step needs does not depend on what earlier steps left cached."""
+    m = _libc.mallinfo2()
+    return (m.uordblks + m.hblkhd) / 2 ** 20
 
 
 class _PeakSampler:
-    """The largest resident size seen while the block runs (sampled every millisecond), beyond
-    the size when it started: what one step adds on top of what the process already holds."""
+    """The most memory in use while the block runs (sampled every millisecond), beyond what was in
+    use when it started: what the forward and backward add to what the process already holds."""
 
     def __enter__(self):
         import threading
@@ -100,7 +113,7 @@ def _worker(rank: int, world: int, port: int, kind: str, ep: int, cp: int, lengt
     from ossrl.train.parallel import make_parallel
 
     try:
-        before = _rss_mib()  # torch and ossrl imported, nothing built
+        before, in_use_before = _rss_mib(), _now_mib()  # torch and ossrl imported, nothing built
         dp = make_parallel(kind, ep, cp)
         torch.manual_seed(0)
         model = GptOss(GptOssConfig.tiny(max_position_embeddings=1 << 20, **PRESETS["small"]))
@@ -118,9 +131,9 @@ def _worker(rank: int, world: int, port: int, kind: str, ep: int, cp: int, lengt
             t0 = time.perf_counter()
             _step(model, dp, optimizer, mine, sum(n - 1 for n in lengths), sampled)
             times.append(time.perf_counter() - t0)
-        held = _now_mib()  # weights, gradients, optimizer state, between steps
+        held = _now_mib()  # weights, gradients, optimizer state, between steps (in use, not resident)
         results.put((rank, {"peak_mib": _rss_mib() - before, "step_s": times[-1], "fb_added_mib": sampled.added,
-                            "held_mib": held - before}))
+                            "held_mib": held - in_use_before}))
     except BaseException as e:
         results.put((rank, {"error": repr(e)}))
     finally:
@@ -216,8 +229,8 @@ def paper(measured_mib_per_token: float | None, tokens: int = 1 << 20, gpus: int
     """Memory per GPU (GB) of GPT-OSS-120b training one ``tokens``-token trajectory on ``gpus`` GPUs,
     by component and layout. Computed from the config, not measured; the activation formula is
     scaled by what the small model measured here (``measured_mib_per_token``, cp = 1, fp32) over what
-    the same formula predicts for it. bf16 everywhere on the GPU (the trainer's default there):
-    weights, gradients and AdamW's two moments 2 bytes each."""
+    the same formula predicts for it. With ``dtype = "bfloat16"``: weights, gradients and AdamW's
+    two moments 2 bytes each (the default float32 master weights double all four)."""
     c = GPT_OSS_120B
     dense, experts = param_counts(c)
     saved, live = activation_bytes_per_token(c, 2)
@@ -231,16 +244,16 @@ def paper(measured_mib_per_token: float | None, tokens: int = 1 << 20, gpus: int
     layouts = [  # name, expert shards, dense shards, engine: own full bf16 replica?, optimizer offloaded, built?
         ("fsdp=16, cp=16", gpus, gpus, True, False, "yes"),
         ("ep=16, cp=16", gpus, 1, True, False, "yes"),
+        ("ep=16, fsdp=16 (dense), cp=16", gpus, gpus, True, False, "yes"),
         ("ep=16, cp=16, engine on the trainer's shards", gpus, 1, False, False, "no: the engine is not expert-parallel"),
-        ("  the same + offload_optimizer", gpus, 1, False, True, "no: as above"),
-        ("ep=16, fsdp=16 dense, cp=16, engine on shards, offload", gpus, gpus, False, True,
-         "no: ep with fsdp; the engine"),
+        ("ep=16, fsdp=16 (dense), cp=16, engine on the shards, offload_optimizer", gpus, gpus, False, True,
+         "no: the engine is not expert-parallel"),
     ]
     per_layer = (dense - 2 * c["vocab"] * c["hidden"]) / c["layers"] + experts / c["layers"]
     rows = []
     for name, e_div, d_div, replica, offload, built in layouts:
         params = experts / e_div + dense / d_div
-        fsdp_only = e_div == d_div == gpus and replica
+        fsdp_only = name.startswith("fsdp")
         comp = {
             "weights (bf16)": 2 * params / gb,
             "gradients (bf16)": 2 * params / gb,
@@ -273,7 +286,8 @@ def print_paper(p: dict) -> None:
     print(f"\nON PAPER (computed, not measured): GPT-OSS-120b ({p['dense_params'] / 1e9:.2f}B dense + "
           f"{p['expert_params'] / 1e9:.1f}B expert parameters), one {p['tokens']:,}-token trajectory, "
           f"{p['gpus']} GPUs of {p['hbm_gb']:.0f} GB; activations scaled by {p['activation_calibration']:.2f} "
-          f"(measured small-model cost / formula); GB per GPU")
+          f"(measured small-model cost / formula); trainer dtype = bfloat16 (float32, the default, doubles the first "
+          f"three rows); GB per GPU")
     names = [r["layout"] for r in p["rows"]]
     print(f"{'component':<46}" + "".join(f"{i + 1:>8}" for i in range(len(names))))
     for k in p["rows"][0]["components_gb"]:
@@ -317,7 +331,7 @@ def main() -> None:
                   f"{r['step_s']:>8.2f}")
     if "longest" in out:
         print(f"longest single trajectory within {a.budget_gib:g} GiB per rank: what the forward and backward add to "
-              f"a rank's resident memory (sampled every ms; the second step) at two lengths, a straight line through "
+              f"a rank's memory in use (malloc's count, sampled every ms; the second step) at two lengths, a straight line through "
               f"them, extrapolated to the budget less what the rank holds between steps (not run)")
         print(f"{'cp':>3} {'fwd+bwd add (tokens: MiB)':<34} {'held MiB':>9} {'MiB/token':>10} {'longest':>10}")
         for r in out["longest"]:

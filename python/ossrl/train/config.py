@@ -36,7 +36,7 @@ class TrainConfig:
     chat_preamble: bool = True  # user tasks: the harmony system message and the tool declarations
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16
+    dtype: str = "auto"  # the trainer's weights: auto = float32 (AdamW's master weights) | float32 | bfloat16
     # supervised warm-up on generated demonstrations, then RL
     sft_steps: int = 600
     sft_batch: int = 96

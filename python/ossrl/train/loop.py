@@ -63,7 +63,7 @@ def build(cfg: TrainConfig):
     device, dtype = _device_dtype(cfg)
     torch.manual_seed(cfg.seed)
     if cfg.model == "tiny":
-        model, tokenizer = GptOss(GptOssConfig.tiny()).to(device), ByteTokenizer()
+        model, tokenizer = GptOss(GptOssConfig.tiny()).to(device=device, dtype=dtype), ByteTokenizer()
     else:
         model, tokenizer = load_pretrained(cfg.model, device=device, dtype=dtype), load_tokenizer(cfg.model)
     if cfg.lora_rank:
