@@ -260,3 +260,45 @@ def _uneven_step_worker(rank: int, world: int) -> None:
 
 def test_expert_parallel_pads_uneven_micro_batches():
     run_ranks(_uneven_step_worker, 2, timeout=120)
+
+
+def _short_tail_worker(rank: int, world: int) -> None:
+    """context_parallel=2 where the last micro-batch would be a 1-token trajectory (one rank would
+    get nothing): it joins the micro-batch before it, and the step equals one process's."""
+    from ossrl.model import GptOss, GptOssConfig
+    from ossrl.rollout.agent import Trajectory
+    from ossrl.train.config import TrainConfig
+    from ossrl.train.loop import train_step
+    from ossrl.train.parallel import DataParallel
+
+    torch.manual_seed(0)
+    base = GptOss(GptOssConfig.tiny())
+    g = torch.Generator().manual_seed(5)
+    trajs = []
+    for n in (40, 40, 1):
+        tokens = torch.randint(0, base.config.vocab_size, (n,), generator=g).tolist()
+        mask = [0] * min(n, 8) + [1] * max(n - 8, 0)
+        trajs.append(Trajectory(tokens=tokens, loss_mask=mask, rollout_logprobs=[-(m * 0.5) for m in mask]))
+    adv = [1.0, -0.5, 0.25]
+    cfg = TrainConfig(micro_batch_tokens=20)  # 40 tokens per micro-batch of the block: one trajectory each
+
+    def step(model, dp, mine, a):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-3)
+        ref = copy.deepcopy(base).requires_grad_(False)
+        return train_step(model, opt, mine, a, cfg, torch.device("cpu"), dp, ref_model=ref)
+
+    one = DataParallel()
+    one.on, one.world, one.rank = False, 1, 0
+    ref_model = copy.deepcopy(base)
+    expected = step(ref_model, one, trajs, adv)
+    model = copy.deepcopy(base)
+    mine = [0, 1] if rank == 0 else [2]
+    got = step(model, DataParallel(1, 2), [trajs[i] for i in mine], [adv[i] for i in mine])
+    for k in ("loss", "kl", "grad_norm"):
+        assert got[k] == pytest.approx(expected[k], rel=1e-5, abs=1e-7), (k, got, expected)
+    for (k, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_context_parallel_short_last_micro_batch():
+    run_ranks(_short_tail_worker, 2, timeout=120)

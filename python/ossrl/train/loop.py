@@ -235,6 +235,9 @@ def train_step(model, optimizer, trajs, advantages, cfg: TrainConfig, device, dp
     mc = model.config  # FSDP2 keeps the module (and its config); dp does not wrap
     routing_shape = (mc.num_hidden_layers, mc.num_experts_per_tok)
     batches = micro_batches(trajs, cfg.micro_batch_tokens * dp.cp)
+    if len(batches) > 1 and sum(len(trajs[i].tokens) for i in batches[-1]) < dp.cp:
+        last = batches.pop()  # every rank of a context-parallel block needs a token of each
+        batches[-1] = batches[-1] + last
     for k in dp.passes(model, len(batches)):
         if k is None:  # FSDP, expert parallelism: as many passes as the busiest rank, these add zeros
             padding_pass(model, _reference_forward(model, ref_model) if cfg.loss.kl_coef else None)
