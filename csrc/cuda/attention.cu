@@ -1006,7 +1006,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cuda(
     const at::Tensor& cu_q_in, const at::Tensor& cu_k_in, int64_t max_seqlen_q,
     int64_t max_seqlen_k, bool causal, int64_t window, const std::optional<at::Tensor>& sinks_in,
     double softmax_scale) {
-  ossrl::cuda::require_kernel_image(q, "varlen_attention");
+  ossrl::cuda::require_kernel_image(q_in, "varlen_attention");
   const char* op = "varlen_attention";
   const AttnDims d = check_varlen(op, q_in, k_in, v_in, cu_q_in, cu_k_in, max_seqlen_q,
                                   max_seqlen_k, window);
