@@ -23,9 +23,13 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 
 @pytest.fixture(scope="module")
 def backend():
-    src = os.path.join(os.path.dirname(__file__), "..", "python")
+    import ossrl
+
+    # the workers import the ossrl this test imported (the installed wheel, or a source tree with its
+    # compiled module), not whatever python/ folder sits beside the tests
+    src = os.path.dirname(os.path.dirname(os.path.abspath(ossrl.__file__)))
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.path.abspath(src)}})
+             runtime_env={"env_vars": {"PYTHONPATH": src}})
     b = RayToolBackend(workers=2, sandbox=SandboxConfig(memory_bytes=256 << 20))
     yield b
     b.close()
