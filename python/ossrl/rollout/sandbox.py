@@ -100,7 +100,7 @@ from . import tool_metrics
 from .sandbox_paths import _package_dirs, _read_paths, _rmtree  # noqa: F401 (tests use _rmtree)
 from .sandbox_pool import PoolError, run_pooled
 from .tool_result import (CPU_LIMIT, CRASH, EXCEPTION, MEMORY_LIMIT, NONZERO_EXIT, OUTPUT_TOO_LARGE,
-                          SANDBOX_ERROR, SANDBOX_VIOLATION, TIMEOUT, BAD_ARGUMENTS, ToolResult)
+                          SANDBOX_ERROR, SANDBOX_VIOLATION, TIMEOUT, BAD_ARGUMENTS, ToolResult, code_bytes)
 
 __all__ = ["SandboxConfig", "run_sandboxed", "probe_sandbox", "LAYERS"]
 
@@ -219,12 +219,9 @@ async def run_sandboxed(
     def result(ok: bool, content: str, error: str | None) -> ToolResult:
         return ToolResult(name, ok, content, error, time.monotonic() - t0)
 
-    if not isinstance(code, str):
-        return result(False, f"Error: the code must be a string, got {type(code).__name__}.", BAD_ARGUMENTS)
-    data = code.encode("utf-8", "surrogatepass")
-    if len(data) > cfg.max_code_bytes:
-        return result(False, f"Error: the code is too long ({len(data)} bytes, limit {cfg.max_code_bytes}).",
-                      BAD_ARGUMENTS)
+    data, why = code_bytes(code, cfg.max_code_bytes)
+    if data is None:
+        return result(False, why, BAD_ARGUMENTS)
     sem = slots if slots is not None else _DEFAULT_SANDBOX_SLOTS.get()
     async with sem:
         t0 = time.monotonic()  # the timeout and the reported time cover the run, not the queue

@@ -25,7 +25,7 @@ import time
 
 from .sandbox_pool import PoolError, _CallIO, _pipes, start_child
 from .sandbox_paths import _rmtree
-from .tool_result import BAD_ARGUMENTS, SANDBOX_ERROR, ToolResult
+from .tool_result import BAD_ARGUMENTS, SANDBOX_ERROR, ToolResult, code_bytes
 
 _NEW_STATE = "[a new session: the interpreter of the earlier calls has ended, its variables and files are gone]\n"
 
@@ -59,12 +59,9 @@ class SandboxSession:
         def result(ok: bool, content: str, error: str | None) -> ToolResult:
             return ToolResult(self.name, ok, content, error, time.monotonic() - t0)
 
-        if not isinstance(code, str):
-            return result(False, f"Error: the code must be a string, got {type(code).__name__}.", BAD_ARGUMENTS)
-        data = code.encode("utf-8", "surrogatepass")
-        if len(data) > cfg.max_code_bytes:
-            return result(False, f"Error: the code is too long ({len(data)} bytes, limit {cfg.max_code_bytes}).",
-                          BAD_ARGUMENTS)
+        data, why = code_bytes(code, cfg.max_code_bytes)
+        if data is None:
+            return result(False, why, BAD_ARGUMENTS)
         loop = asyncio.get_running_loop()
         if self._lock is None or self._lock[0] is not loop:
             self._lock = (loop, asyncio.Lock())
@@ -159,16 +156,13 @@ class SandboxSession:
     def _cleanup(self, live: _Live) -> None:  # on the session's loop, once the process has exited
         if live.sock.fileno() >= 0:
             live.io.loop.remove_reader(live.sock.fileno())
-        live.sock.close()
-        live.io.close()
-        if live.tmp != live.zygote.work:
-            _rmtree(live.tmp)
-        with self._guard:
-            if self._live is live:
-                self._live = None
+        self._release(live)
 
     def _forget(self, live: _Live) -> None:  # its loop is gone: kill it, close its ends here
         live.zygote.kill(live.cid)
+        self._release(live)
+
+    def _release(self, live: _Live) -> None:
         live.sock.close()
         live.io.close()
         if live.tmp != live.zygote.work:

@@ -38,3 +38,13 @@ class ToolCall:
     name: str
     arguments: str | Mapping[str, Any] = "{}"
     timeout: float | None = None
+
+
+def code_bytes(code, limit: int) -> tuple[bytes | None, str | None]:
+    """The model's code as the bytes a sandbox runs, or why it cannot run (not a string, too long)."""
+    if not isinstance(code, str):
+        return None, f"Error: the code must be a string, got {type(code).__name__}."
+    data = code.encode("utf-8", "surrogatepass")
+    if len(data) > limit:
+        return None, f"Error: the code is too long ({len(data)} bytes, limit {limit})."
+    return data, None
