@@ -315,3 +315,21 @@ def test_advance_gives_each_episode_its_session_and_ends_them_all():
         pids.append(int(results[0]))
     assert pids[0] != pids[1]  # one interpreter per episode
     _wait_until(lambda: not any(_alive(p) for p in pids), "the episodes' interpreters end with advance")
+
+
+def test_code_that_cannot_run_is_a_bad_argument_for_both_tools():
+    """Not a string, or longer than max_code_bytes: a clear bad_arguments result, no sandbox started."""
+    import asyncio
+
+    from ossrl.rollout.sandbox import SandboxConfig, run_sandboxed
+    from ossrl.rollout.sandbox_session import SandboxSession
+
+    cfg = SandboxConfig(max_code_bytes=64)
+    session = SandboxSession(cfg)
+    try:
+        for code, says in ((b"print(1)", "must be a string"), ("x = 1\n" * 20, "too long (120 bytes, limit 64)")):
+            for r in (asyncio.run(run_sandboxed(code, cfg)), asyncio.run(session.run(code, 5.0, 1000))):
+                assert not r.ok and r.error == "bad_arguments" and says in r.content, r
+        assert session.started == 0
+    finally:
+        session.close()
