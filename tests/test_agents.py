@@ -4,6 +4,8 @@ the colocated engine and trains on exactly the tokens it sampled."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 
@@ -13,6 +15,8 @@ pytest.importorskip("uvicorn")
 import ossrl.train.agents as agents  # noqa: E402
 import ossrl.train.loop as loop  # noqa: E402
 from ossrl.train import run  # noqa: E402
+
+from _ranks import run_ranks  # noqa: E402
 
 
 def _rows(tmp_path, n=8):
@@ -158,52 +162,20 @@ async def talker(client, prompt, answer, **row):
 '''
 
 
-def _rank(rank, world, port, cwd, args, results):
-    import os
-
-    import torch
-
+def _rank(rank, world, cwd, args):
     from ossrl.cli import main
 
     os.chdir(cwd)  # the agent's module lives here
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        main(["train", *args])
-        results.put((rank, "ok"))
-    except BaseException as e:  # reported to the test
-        results.put((rank, repr(e)))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    assert main(["train", *args]) == 0
 
 
 def test_agents_under_two_processes(tmp_path):
     """torchrun-style: each rank runs its own agents against its own engine and server."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     (tmp_path / "myagent.py").write_text(_AGENT_MODULE)
     args = ["--run-dir", str(tmp_path / "run"), f"dataset={_rows(tmp_path)}", "agent=myagent:talker", "steps=2",
             "sft_steps=0", "prompts_per_step=2", "group_size=2", "eval_prompts=2", "eval_every=100",
             "checkpoint_every=100", "max_new_tokens=4", "filter_groups=false", "chat_preamble=false"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tmp_path), args, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        outcome = dict(results.get(timeout=300) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert outcome == {0: "ok", 1: "ok"}
+    run_ranks(_rank, 2, str(tmp_path), args, init=False,
+              reset=lambda: shutil.rmtree(tmp_path / "run", ignore_errors=True))
     steps = [r for r in _records(tmp_path / "run") if "reward_mean" in r]
     assert [r["processes"] for r in steps] == [2, 2] and all(r["episodes"] == 4 for r in steps)

@@ -10,17 +10,14 @@ plan must rebuild each rank's plain replica bit for bit, and checkpoints must ro
 from __future__ import annotations
 
 import copy
-import datetime
 import os
-import queue
-import socket
-import time
 
 import pytest
 import torch
 
 from ossrl.model import GptOss, GptOssConfig
 
+from _ranks import run_ranks
 from _tolerance import assert_within, rounding_scale
 
 LENGTHS = [7, 5, 9, 4, 6, 8]  # rank 0: the first three (two micro-batches), rank 1: the rest
@@ -52,62 +49,47 @@ def _loss(model: GptOss, seqs: list[torch.Tensor], n_tokens: int) -> torch.Tenso
 N_TOKENS = sum(n - 1 for n in LENGTHS)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, tied: bool, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
+def _worker(rank: int, world: int, out_dir: str, tied: bool) -> None:
     from ossrl import reshard
     from ossrl.train import fsdp
 
-    try:
-        # A collective that waits longer than this raises instead of hanging the test.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-        torch.manual_seed(0)
-        model = GptOss(GptOssConfig.tiny(tie_word_embeddings=tied))
-        replica = copy.deepcopy(model)  # the "rollout" copy: plain tensors, made before sharding
-        fsdp.shard_model(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
+    torch.manual_seed(0)
+    model = GptOss(GptOssConfig.tiny(tie_word_embeddings=tied))
+    replica = copy.deepcopy(model)  # the "rollout" copy: plain tensors, made before sharding
+    fsdp.shard_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
 
-        seqs = _seqs()
-        mine = seqs[:3] if rank == 0 else seqs[3:]
-        micro = [mine[:2], mine[2:]] if rank == 0 else [mine]
-        n = fsdp.equal_micro_batches(len(micro))
-        for i in fsdp.sync_on_last(model, n):
-            if i < len(micro):
-                _loss(model, micro[i], N_TOKENS).backward()
-            else:
-                fsdp.padding_pass(model)
-        grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        opt.step()
-        opt.zero_grad()
+    seqs = _seqs()
+    mine = seqs[:3] if rank == 0 else seqs[3:]
+    micro = [mine[:2], mine[2:]] if rank == 0 else [mine]
+    n = fsdp.equal_micro_batches(len(micro))
+    for i in fsdp.sync_on_last(model, n):
+        if i < len(micro):
+            _loss(model, micro[i], N_TOKENS).backward()
+        else:
+            fsdp.padding_pass(model)
+    grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    opt.step()
+    opt.zero_grad()
 
-        model_sd, optim_sd = fsdp.full_state_dicts(model, opt)
+    model_sd, optim_sd = fsdp.full_state_dicts(model, opt)
 
-        plan = reshard.build_plan([reshard.cast(k, k) for k, _ in model.named_parameters()], model, replica)
-        plan.sync()
-        out = {"n": n, "grads": grads, "norm": norm, "model_sd": model_sd, "optim_sd": optim_sd,
-               "replica": {k: v.detach().clone() for k, v in replica.state_dict().items()},
-               "sharded": {k: type(p).__name__ for k, p in model.named_parameters()}}
+    plan = reshard.build_plan([reshard.cast(k, k) for k, _ in model.named_parameters()], model, replica)
+    plan.sync()
+    out = {"n": n, "grads": grads, "norm": norm, "model_sd": model_sd, "optim_sd": optim_sd,
+           "replica": {k: v.detach().clone() for k, v in replica.state_dict().items()},
+           "sharded": {k: type(p).__name__ for k, p in model.named_parameters()}}
 
-        # Round trip: a differently initialised sharded model and a fresh optimizer load the dicts
-        # (rank 0 holds them, the others pass empty ones) and must give back the same dicts.
-        torch.manual_seed(1)
-        other = fsdp.shard_model(GptOss(GptOssConfig.tiny(tie_word_embeddings=tied)))
-        other_opt = torch.optim.AdamW(other.parameters(), lr=LR, eps=EPS)
-        fsdp.load_full_state_dicts(other, other_opt, model_sd, optim_sd)
-        out["reloaded"] = fsdp.full_state_dicts(other, other_opt)
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-        results.put((rank, "ok"))
-    except BaseException:  # reported to the test, which fails with it
-        import traceback
-
-        results.put((rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # Round trip: a differently initialised sharded model and a fresh optimizer load the dicts
+    # (rank 0 holds them, the others pass empty ones) and must give back the same dicts.
+    torch.manual_seed(1)
+    other = fsdp.shard_model(GptOss(GptOssConfig.tiny(tie_word_embeddings=tied)))
+    other_opt = torch.optim.AdamW(other.parameters(), lr=LR, eps=EPS)
+    fsdp.load_full_state_dicts(other, other_opt, model_sd, optim_sd)
+    out["reloaded"] = fsdp.full_state_dicts(other, other_opt)
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _reference(tied: bool, dtype: torch.dtype = torch.float32):
@@ -128,36 +110,8 @@ def _reference(tied: bool, dtype: torch.dtype = torch.float32):
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def two_ranks(request, tmp_path_factory):
     """Each rank's results (see _worker), with lm_head separate from or tied to embed_tokens."""
-    import torch.multiprocessing as mp
-
     out_dir = tmp_path_factory.mktemp("fsdp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(out_dir), request.param, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    outcome: dict[int, str] = {}
-    deadline = time.monotonic() + 180  # a hang fails the test instead of blocking it
-    try:
-        while len(outcome) < len(procs) and time.monotonic() < deadline:
-            try:
-                rank, what = results.get(timeout=1)
-                outcome[rank] = what
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcome]
-                if dead:  # killed without reporting (a crash in C++, out of memory)
-                    time.sleep(1)  # its peer's report, if any, is worth waiting for
-                    outcome.update({r: f"exited with code {procs[r].exitcode}" for r in dead})
-        outcome.update({r: "no report within 180 s" for r in range(len(procs)) if r not in outcome})
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    assert outcome == {0: "ok", 1: "ok"}, "\n".join(f"rank {r}: {v}" for r, v in sorted(outcome.items()))
+    run_ranks(_worker, 2, str(out_dir), request.param, timeout=180)  # a hang fails the test instead of blocking it
     return request.param, [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

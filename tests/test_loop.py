@@ -2,8 +2,7 @@
 
 import json
 import math
-import os
-import socket
+import shutil
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from ossrl.rollout.agent import Trajectory
 from ossrl.train.config import load_config
 from ossrl.train.loop import micro_batches, pack
 from ossrl.train.metrics import read
+
+from _ranks import run_ranks
 
 SHORT = ["sft_steps=25", "steps=4", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=2",
          "checkpoint_every=2", "max_turns=2", "micro_batch_tokens=1500", "sft_batch=32",
@@ -185,18 +186,8 @@ def test_engine_failure_is_recovered_and_counted(tmp_path, monkeypatch):
     assert sum(r["engine_restarts"] for r in records) == 1
 
 
-def _dp_worker(rank, world, port, run_dir, args, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        main(["train", "--run-dir", run_dir, *args])
-        results.put((rank, "ok"))
-    except BaseException as e:  # reported to the test, which fails with it
-        results.put((rank, repr(e)))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+def _dp_worker(rank, world, run_dir, args):
+    assert main(["train", "--run-dir", run_dir, *args]) == 0
 
 
 @pytest.mark.parametrize("parallel, extra", [
@@ -224,8 +215,6 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, parallel, extra):
     computes on the same global batch: same samples, rewards and (to rounding) losses; with the
     model replicated (dp) or sharded by FSDP2 (the engine then runs a replica synced from the
     shards)."""
-    import torch.multiprocessing as mp
-
     args = ["sft_steps=6", "steps=2", "prompts_per_step=4", "group_size=4", "eval_prompts=8", "eval_every=2",
             "checkpoint_every=2", "max_turns=2", "sft_batch=8", "filter_groups=false",
             "extra_groups=0"]  # every group runs to the end: which ones finish first depends on the batch
@@ -233,22 +222,8 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, parallel, extra):
     args += [e for e in extra if e not in layout]
     assert main(["train", "--run-dir", str(tmp_path / "one"), *args]) == 0
     args += [f"parallel={parallel}", *layout]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_dp_worker, args=(r, 2, port, str(tmp_path / "two"), args, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        outcome = dict(results.get(timeout=300) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert outcome == {0: "ok", 1: "ok"}
+    run_ranks(_dp_worker, 2, str(tmp_path / "two"), args, init=False,
+              reset=lambda: shutil.rmtree(tmp_path / "two", ignore_errors=True))
     one, two = read(tmp_path / "one" / "metrics.jsonl"), read(tmp_path / "two" / "metrics.jsonl")
     assert len(one) == len(two)
     for a, b in zip(one, two):
