@@ -15,13 +15,16 @@ Runners (each call is ``print(<i> * 2)``, checked):
 concurrency). Latency is one call's time, calls/s the total over the wall time. CPU-seconds per
 call add up the whole process tree (this process, the zygote and everything they started; for
 Ray also its raylet and workers), after one warm-up call; kernel threads (a network namespace is
-freed by one) are not counted. Peak memory is the largest proportional resident memory (PSS:
+freed by one) are not counted. Each run starts once the machine is quiet again (at least 90%
+idle over half a second, waiting at most a minute), so no runner pays for the previous one's
+clean-up. Peak memory is the largest proportional resident memory (PSS:
 pages shared between processes counted once) of that tree above this process's own before the
-run (so the zygote and the processes of the calls), sampled every 0.2 s; the sampler's CPU time
+run (so the zygote and the processes of the calls), sampled every second; the sampler's CPU time
 is subtracted.
 
     python benchmarks/bench_tools.py                          # 1,000 calls at 64 and 256
     python benchmarks/bench_tools.py --sizes 10000x1024 --runners pool --json out.json
+    python benchmarks/bench_tools.py --hostile 1000                 # hostile calls under load
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ class _Sampler:
 
     def _run(self):
         t0 = time.thread_time()
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(1.0):  # reading smaps_rollup takes every process's mm lock: not too often
             self.peak = max(self.peak, sum(_pss(p) for p in _tree()) - self.base)
         self.cpu = time.thread_time() - t0
 
@@ -164,7 +167,28 @@ def _ray_runner(address: str | None):
     return backend, go
 
 
+def _busy() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v) - v[3] - v[4], sum(v)  # (not idle nor waiting, all)
+
+
+def settle(quiet: float = 0.9, limit: float = 60.0) -> float:
+    """Waits until the machine is at least ``quiet`` idle over half a second (at most ``limit``
+    seconds): the previous run's processes and the kernel's clean-up of its namespaces (on kernel
+    threads, counted by nobody) must not slow the next runner down. Returns the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        b0, a0 = _busy()
+        time.sleep(0.5)
+        b1, a1 = _busy()
+        if a1 > a0 and 1 - (b1 - b0) / (a1 - a0) >= quiet:
+            break
+    return time.monotonic() - t0
+
+
 def measure(runner: str, n: int, conc: int, ray=None) -> dict:
+    settle()
     cfg = SandboxConfig(pool=runner != "fresh")
     warm = {"pool": lambda: asyncio.run(_sandboxed(1, 1, cfg)), "fresh": lambda: asyncio.run(_sandboxed(1, 1, cfg)),
             "plain": lambda: _plain(1, 1), "ray": lambda: asyncio.run(ray[1](conc, conc))}[runner]
@@ -187,13 +211,116 @@ def measure(runner: str, n: int, conc: int, ray=None) -> dict:
             "peak_mem_mib": sampler.peak / 2**20, "cpu_ms_per_call": (cpu1 - cpu0 - sampler.cpu) / n * 1e3}
 
 
+def _hostile_kinds(escape_dir: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """kind -> (code, the error kinds it may end with). {i}: the call's number."""
+    me = os.getpid()
+    return {
+        "fork bomb": ("import os\nwhile True:\n    os.fork()", ("exception", "sandbox_violation")),
+        "memory bomb": ("x = []\nwhile True:\n    x.append(bytearray(16 << 20))", ("memory_limit",)),
+        "infinite loop": ("while True:\n    pass", ("timeout", "cpu_limit")),
+        "output flood": ("while True:\n    print('z' * 65536)", ("output_too_large",)),
+        "sleep forever": ("import time\ntime.sleep(10**6)", ("timeout",)),
+        "write outside": (f"open({escape_dir!r} + '/escaped-{{i}}', 'w').write('x')",
+                          ("exception", "sandbox_violation")),
+        "kill the trainer": (f"import os\nos.kill({me}, 9)", ("exception", "sandbox_violation")),
+        "native code": ("import ctypes\nctypes.CDLL(None).kill(%d, 9)" % me, ("exception", "sandbox_violation")),
+    }
+
+
+def hostile(n: int, conc: int, slots: int, timeout: float) -> dict:
+    """``n`` hostile calls (every kind in turn) mixed with ``n`` ordinary ones, all submitted at
+    once through a ToolRegistry with ``conc`` in flight and ``slots`` sandboxes at a time: what the
+    loop would see. Checks that every ordinary call is right, every hostile one ends with an
+    error of its kind, no call outlives its timeout by more than a second, nothing was written
+    outside a sandbox, no sandbox process is left, and how late the trainer's event loop ran."""
+    import tempfile
+
+    from ossrl.rollout.sandbox_pool import pool_for
+    from ossrl.rollout.tools import ToolRegistry
+
+    escape_dir = tempfile.mkdtemp(prefix="ossrl-escape-")
+    kinds = _hostile_kinds(escape_dir)
+    names = list(kinds)
+    reg = ToolRegistry(sandbox=SandboxConfig(memory_bytes=128 << 20, cpu_seconds=2), max_output_chars=4000,
+                       max_sandboxes=slots)
+    calls, expect = [], []
+    for i in range(2 * n):
+        if i % 2:
+            kind = names[(i // 2) % len(names)]
+            calls.append(("python", {"code": kinds[kind][0].replace("{i}", str(i))}, timeout))
+            expect.append(kind)
+        else:
+            calls.append(("python", {"code": f"print({i} * 3)"}, 120.0))
+            expect.append(None)
+
+    async def go():
+        lag, stop = [0.0], asyncio.Event()
+
+        async def beat():  # the event loop's lateness: a blocked loop would stall every episode
+            while not stop.is_set():
+                t = time.perf_counter()
+                await asyncio.sleep(0.05)
+                lag[0] = max(lag[0], time.perf_counter() - t - 0.05)
+
+        b = asyncio.ensure_future(beat())
+        t0 = time.perf_counter()
+        res = await reg.run_calls(calls, max_concurrency=conc)
+        wall = time.perf_counter() - t0
+        stop.set()
+        await b
+        return res, wall, lag[0]
+
+    settle()
+    results, wall, lag = asyncio.run(go())
+    by_kind: dict[str, dict] = {}
+    wrong = []
+    for kind, r, c in zip(expect, results, calls):
+        k = by_kind.setdefault(kind or "ordinary", {"calls": 0, "as_expected": 0, "max_s": 0.0, "errors": {}})
+        k["calls"] += 1
+        k["max_s"] = max(k["max_s"], r.seconds)
+        k["errors"][str(r.error)] = k["errors"].get(str(r.error), 0) + 1
+        good = (r.ok and r.content == f"{int(c[1]['code'][6:-5]) * 3}\n") if kind is None else \
+            (not r.ok and r.error in kinds[kind][1])
+        k["as_expected"] += good
+        if not good:
+            wrong.append((kind, r.error, r.content[:200]))
+    zygote = pool_for(reg.sandbox).current()
+    left = [] if zygote is None else [p for p, (pp, _) in _procs().items() if pp == zygote.proc.pid]
+    escaped = os.listdir(escape_dir)
+    os.rmdir(escape_dir) if not escaped else None
+    waited_in_sandbox = max(r.seconds for r, k in zip(results, expect) if k is not None)
+    return {"hostile": n, "ordinary": n, "concurrency": conc, "sandboxes": slots, "timeout_s": timeout,
+            "wall_s": wall, "kinds": by_kind, "wrong": wrong[:20], "n_wrong": len(wrong),
+            "processes_left": len(left), "files_escaped": len(escaped), "max_loop_lag_s": lag,
+            "max_hostile_call_s": waited_in_sandbox}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1000x64,1000x256", help="CALLSxCONCURRENCY, comma-separated")
     ap.add_argument("--runners", default="pool,fresh,plain,ray")
     ap.add_argument("--ray-address", default=None, help="an existing cluster; default: a local one")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--hostile", type=int, default=0, metavar="N",
+                    help="instead: N hostile calls mixed with N ordinary ones, all at once (see hostile())")
+    ap.add_argument("--hostile-concurrency", type=int, default=1024)
+    ap.add_argument("--hostile-sandboxes", type=int, default=64)
     args = ap.parse_args()
+    if args.hostile:
+        h = hostile(args.hostile, args.hostile_concurrency, args.hostile_sandboxes, timeout=2.0)
+        print(json.dumps(h, indent=1))
+        print(f"\n{h['hostile']} hostile + {h['ordinary']} ordinary calls, {h['concurrency']} in flight, "
+              f"{h['sandboxes']} sandboxes at a time, {h['timeout_s']:.0f} s timeout: {h['wall_s']:.1f} s")
+        print(f"{'kind':<17} {'calls':>6} {'as expected':>12} {'max s':>7}  outcomes")
+        for kind, k in h["kinds"].items():
+            print(f"{kind:<17} {k['calls']:>6} {k['as_expected']:>12} {k['max_s']:>7.2f}  "
+                  + ", ".join(f"{e}: {c}" for e, c in sorted(k["errors"].items())))
+        print(f"not as expected: {h['n_wrong']}; sandbox processes left: {h['processes_left']}; files written "
+              f"outside: {h['files_escaped']}; event loop at most {h['max_loop_lag_s'] * 1e3:.0f} ms late")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"cpus": os.cpu_count(), "python": platform.python_version(), "hostile": h}, f, indent=1)
+        return
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     runners = args.runners.split(",")
     rows = []

@@ -161,6 +161,22 @@ def test_a_zygote_that_dies_fails_its_calls_and_is_replaced():
     assert run(run_sandboxed("print('again')", cfg)).content == "again\n"
 
 
+def test_a_zygote_that_cannot_start_says_why(tmp_path):
+    """What the interpreter printed comes back in the error (not a closed log file's ValueError),
+    and a call fails with it as sandbox_error instead of raising."""
+    from ossrl.rollout.sandbox_pool import PoolError, Zygote
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'no interpreter here' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    cfg = SandboxConfig(python=str(fake))
+    with pytest.raises(PoolError, match="did not start: no interpreter here"):
+        Zygote(cfg, ["/usr/lib"], 60.0)
+    for c in (cfg, SandboxConfig(python=str(fake), pool=False)):  # its sys.path cannot be asked either
+        r = run(run_sandboxed("print(1)", c))
+        assert not r.ok and r.error == "sandbox_error" and "no interpreter here" in r.content, r
+
+
 def test_python_session_keeps_state_within_an_episode_only():
     async def go():
         a, b = ToolRegistry(builtins=["python_session"]), ToolRegistry(builtins=["python_session"])

@@ -185,12 +185,22 @@ def _own_tmpfs(ctypes, libc):
     os.chdir(_cfg["tmp"])  # the old cwd is the directory under the new mount
     return True
 
+_BSET_DROPPED = []
+
+def _drop_bounding_set(ctypes, libc):
+    # Only what an execve could gain: the effective capabilities (a zygote's, to make its
+    # children's namespaces) stay until _privileges drops them.
+    UL, PR_CAPBSET_DROP = ctypes.c_ulong, 24
+    for cap in range(64):  # EINVAL past the last capability: ignored
+        libc.prctl(ctypes.c_int(PR_CAPBSET_DROP), UL(cap), UL(0), UL(0), UL(0))
+    _BSET_DROPPED.append(True)
+
 def _privileges(ctypes, libc):
     # No capabilities left in any namespace; as root (no user namespace) also an unused uid.
     UL = ctypes.c_ulong
-    PR_CAPBSET_DROP, PR_CAP_AMBIENT, CLEAR_ALL = 24, 47, 4
-    for cap in range(64):  # EINVAL past the last capability: ignored
-        libc.prctl(ctypes.c_int(PR_CAPBSET_DROP), UL(cap), UL(0), UL(0), UL(0))
+    PR_CAP_AMBIENT, CLEAR_ALL = 47, 4
+    if not _BSET_DROPPED:  # a zygote's children inherit its empty bounding set
+        _drop_bounding_set(ctypes, libc)
     libc.prctl(ctypes.c_int(PR_CAP_AMBIENT), UL(CLEAR_ALL), UL(0), UL(0), UL(0))
     uid, gid, note = _sandbox_ids()
     note = "; " + note if note else ""
@@ -288,7 +298,12 @@ def _landlock(ctypes, libc):
     _status["landlock_abi"] = abi
     return True
 
-def _seccomp(ctypes, libc):
+_FILTER = []  # [(bytes before the pid checks, function of the pid, bytes after)]
+
+def _seccomp_filter():
+    # The BPF program as bytes, built once: a zygote's children only put in their own pid.
+    if _FILTER:
+        return _FILTER[0]
     machine = os.uname().machine
     EPERM = 1
     if machine == "x86_64":
@@ -316,7 +331,8 @@ def _seccomp(ctypes, libc):
                 279]
         kill_nr, tgkill_nr, prlimit_nr, ioctl_nr = 129, 131, 261, 29
     else:
-        return "unsupported machine %s" % machine
+        _FILTER.append("unsupported machine %s" % machine)
+        return _FILTER[0]
     LD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06
     ALLOW, ERRNO, KILL = 0x7FFF0000, 0x00050000 | EPERM, 0x80000000
     prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, KILL), (LD, 0, 0, 0)]
@@ -324,10 +340,13 @@ def _seccomp(ctypes, libc):
         prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, ERRNO)]
     for nr in deny:
         prog += [(JEQ, 0, 1, nr), (RET, 0, 0, ERRNO)]
-    me = os.getpid()
-    for nr in (kill_nr, tgkill_nr):  # signals only to itself
-        prog += [(JEQ, 0, 4, nr), (LD, 0, 0, 16), (JEQ, 0, 1, me), (RET, 0, 0, ALLOW),
-                 (RET, 0, 0, ERRNO)]
+    import struct  # the program as bytes: one ctypes object per instruction costs milliseconds
+    pack = lambda ins: b"".join([struct.pack("=HBBI", *i) for i in ins])
+    head, prog = pack(prog), []
+
+    def signals(me):  # signals only to itself
+        return pack([i for nr in (kill_nr, tgkill_nr) for i in (
+            (JEQ, 0, 4, nr), (LD, 0, 0, 16), (JEQ, 0, 1, me), (RET, 0, 0, ALLOW), (RET, 0, 0, ERRNO))])
     # ioctl: not the inode-flag setters (immutable / append-only files the cleanup cannot remove)
     for cmd in (0x40086602, 0x40046602, 0x401C5820):  # FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR
         prog += [(JEQ, 0, 4, ioctl_nr), (LD, 0, 0, 24), (JEQ, 0, 1, cmd), (RET, 0, 0, ERRNO), (LD, 0, 0, 0)]
@@ -335,11 +354,17 @@ def _seccomp(ctypes, libc):
     prog += [(JEQ, 0, 6, prlimit_nr), (LD, 0, 0, 32), (JEQ, 0, 3, 0), (LD, 0, 0, 36),
              (JEQ, 0, 1, 0), (RET, 0, 0, ALLOW), (RET, 0, 0, ERRNO)]
     prog += [(RET, 0, 0, ALLOW)]
+    _FILTER.append((head, signals, pack(prog)))
+    return _FILTER[0]
 
-    import struct  # the program as bytes: one ctypes object per instruction costs milliseconds
-    code = b"".join([struct.pack("=HBBI", *i) for i in prog])
+def _seccomp(ctypes, libc):
+    made = _seccomp_filter()
+    if isinstance(made, str):
+        return made
+    head, signals, tail = made
+    code = head + signals(os.getpid()) + tail
     buf = ctypes.create_string_buffer(code, len(code))
-    fprog = _TYPES["Prog"](len(prog), ctypes.cast(buf, ctypes.c_void_p))
+    fprog = _TYPES["Prog"](len(code) // 8, ctypes.cast(buf, ctypes.c_void_p))
     UL = ctypes.c_ulong
     PR_SET_SECCOMP, PR_GET_SECCOMP, MODE_FILTER = 22, 21, 2
     if libc.prctl(ctypes.c_int(PR_SET_SECCOMP), UL(MODE_FILTER), ctypes.byref(fprog), UL(0),

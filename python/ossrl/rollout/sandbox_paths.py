@@ -65,9 +65,14 @@ def _stdlib_paths(python: str) -> tuple[str, ...]:
     import subprocess
 
     # exactly the sys.path the sandboxed interpreter will have (python -I -S): the standard library
-    out = subprocess.run([python, "-I", "-S", "-c", "import sys, json; print(json.dumps(sys.path))"],
-                         capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, check=True)
-    cand = json.loads(out.stdout)
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c", "import sys, json; print(json.dumps(sys.path))"],
+                             capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, check=True)
+        cand = json.loads(out.stdout)
+    except (subprocess.SubprocessError, ValueError) as e:  # OSError (not found) passes as it is
+        said = getattr(e, "stderr", None) or b""
+        raise OSError(f"the sandbox interpreter {python} could not report its sys.path ({e}): "
+                      f"{said[-500:].decode('utf-8', 'replace').strip()}") from None
     res = []
     for p in cand:
         if p and os.path.exists(p):

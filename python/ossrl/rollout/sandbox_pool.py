@@ -36,6 +36,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -45,6 +46,20 @@ _HERE = Path(__file__).parent
 _ZYGOTE_SOURCE = "".join((_HERE / f).read_text() for f in ("sandbox_hook.py", "sandbox_bootstrap.py",
                                                           "sandbox_zygote.py"))
 _ids = itertools.count(1)
+# The zygote compiled here and sent as a code object when it runs this interpreter: parsing 40 KB
+# of source leaves ~3 MB of the parser's memory dirty in the zygote, which every fork then copies
+# the page tables of and every child's exit unmaps. ("<string>": the name the sandbox hides.)
+_STUB = ("import os, marshal\nb = b''\nwhile True:\n    c = os.read(%d, 1 << 16)\n    if not c:\n"
+         "        break\n    b += c\nos.close(%d)\ndel c\nexec(marshal.loads(b))\n")
+_CODE: list[bytes] = []
+
+
+def _zygote_code() -> bytes:
+    if not _CODE:
+        import marshal
+
+        _CODE.append(marshal.dumps(compile(_ZYGOTE_SOURCE, "<string>", "exec")))
+    return _CODE[0]
 
 
 class PoolError(RuntimeError):
@@ -89,13 +104,31 @@ class Zygote:
         bcfg = _bootstrap_config(cfg, self.base, read_paths, require=False)
         bcfg.update(zygote=True, ctl_fd=theirs.fileno(), pool_memory_bytes=int(cfg.pool_memory_bytes))
         self._log = tempfile.TemporaryFile()
+        code_r = code_w = -1
+        source = _ZYGOTE_SOURCE
+        if cfg.interpreter() == sys.executable:  # the same interpreter reads this one's code objects
+            code_r, code_w = os.pipe()
+            source = _STUB % (code_r, code_r)
         try:
             self.proc = subprocess.Popen(
-                [cfg.interpreter(), "-I", "-S", "-B", "-u", "-c", _ZYGOTE_SOURCE, json.dumps(bcfg)],
+                [cfg.interpreter(), "-I", "-S", "-B", "-u", "-c", source, json.dumps(bcfg)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log, cwd=self.base,
-                env=_environment(self.base), start_new_session=True, pass_fds=(theirs.fileno(),))
+                env=_environment(self.base), start_new_session=True,
+                pass_fds=(theirs.fileno(),) + ((code_r,) if code_r >= 0 else ()))
+        except BaseException:
+            if code_w >= 0:
+                os.close(code_w)
+            raise
         finally:
             theirs.close()
+            if code_r >= 0:
+                os.close(code_r)
+        if code_w >= 0:
+            try:
+                with open(code_w, "wb", closefd=True) as f:  # blocks until it has read all but 64 KB
+                    f.write(_zygote_code())
+            except OSError:  # it died first: its log says why
+                pass
         self.sock = ours
         ours.settimeout(60.0)
         try:
@@ -103,9 +136,10 @@ class Zygote:
         except (OSError, ValueError) as e:
             ready = {"error": f"{type(e).__name__}: {e}"}
         if "ready" not in ready:
-            self._stop()
+            self._stop(keep_log=True)
             self._log.seek(0)
             why = self._log.read()[-2000:].decode("utf-8", "replace") or ready.get("error", "no answer")
+            self._log.close()
             raise PoolError(f"the sandbox zygote did not start: {why}")
         self.layers = ready["ready"]
         self.work = ready.get("work")  # every call's directory (with mounts), else one per call
@@ -209,7 +243,7 @@ class Zygote:
             except RuntimeError:
                 pass
 
-    def _stop(self) -> None:
+    def _stop(self, keep_log: bool = False) -> None:
         try:
             self.sock.close()  # end of file: the zygote kills its children and exits
         except OSError:
@@ -219,7 +253,8 @@ class Zygote:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        self._log.close()
+        if not keep_log:
+            self._log.close()
         for _ in range(40):  # a mount point until the kernel has torn the zygote's namespace down
             try:
                 os.rmdir(self.base)

@@ -96,6 +96,11 @@ def _zygote():
         _WORK[0] = work
         _HOOK.append(_make_hook(work, _cfg["read_paths"]))
     _sandbox_ids()  # checks once what an unprivileged uid can read
+    # what every child would otherwise do alike, done once: the children inherit it
+    if libc is not None and _cfg["drop_privileges"]:
+        _drop_bounding_set(ctypes, libc)
+    if libc is not None and _cfg["seccomp"]:
+        _seccomp_filter()
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]  # a child sets its own limit (memory_bytes)
     resource.setrlimit(resource.RLIMIT_AS, (min(_cfg["pool_memory_bytes"], hard), hard))
     if libc is not None:  # orphans of a child come back here to be reaped and killed
@@ -106,6 +111,9 @@ def _zygote():
     signal.signal(signal.SIGCHLD, lambda *a: None)
     ctl.send(json.dumps({"ready": _status, "work": work}).encode())
     import gc
+    gc.collect()
+    if libc is not None:  # the start-up's freed heap back to the system: less for each fork to copy
+        libc.malloc_trim(ctypes.c_size_t(0))
     gc.freeze()  # a child's collections leave the zygote's objects alone: their pages stay shared
     children = {}  # pid -> call id
     by_id = {}
