@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from ossrl.rollout.sandbox import SandboxConfig, run_sandboxed
+from ossrl.rollout.sandbox import SandboxConfig, probe_sandbox, run_sandboxed
 from ossrl.rollout.sandbox_pool import pool_for
 from ossrl.rollout.tool_metrics import tool_step_metrics
 from ossrl.rollout.tools import ToolRegistry
@@ -128,6 +128,59 @@ def test_no_process_outlives_its_call():
                               cfg, timeout=10.0, max_output_chars=20_000))
     assert flood.error == "output_too_large", flood
     assert not _alive(int(flood.content.split()[0]))
+
+
+def _netns_of_a_call(cfg) -> tuple[str, str]:
+    """(the zygote's network namespace, that of a call's process), read from outside."""
+    async def go():
+        task = asyncio.ensure_future(run_sandboxed("import time\ntime.sleep(30)", cfg, timeout=20.0))
+        deadline = time.monotonic() + 20
+        while True:
+            z = pool_for(cfg).current()
+            pids = [p.pid for p in list(z._calls.values()) if p.pid] if z is not None else []
+            if pids:
+                break
+            assert time.monotonic() < deadline, "the call never started"
+            await asyncio.sleep(0.02)
+        try:
+            return os.readlink(f"/proc/{z.proc.pid}/ns/net"), os.readlink(f"/proc/{pids[0]}/ns/net")
+        finally:
+            task.cancel()
+
+    return run(go())
+
+
+def test_a_call_has_its_own_network_namespace_unless_seccomp_refuses_it_every_socket():
+    layers = run(probe_sandbox(SandboxConfig()))
+    if layers.get("netns") is not True or layers.get("seccomp") is not True:
+        pytest.skip(f"no network namespace or no seccomp here: {layers}")
+    # seccomp refuses socket, socketpair and io_uring: nothing to separate, the zygote's empty one is shared
+    zygote, call = _netns_of_a_call(SandboxConfig(pool_idle_seconds=61.0))
+    assert call == zygote and call != os.readlink("/proc/self/ns/net")
+    zygote, call = _netns_of_a_call(SandboxConfig(seccomp=False, pool_idle_seconds=61.0))
+    assert call != zygote and call != os.readlink("/proc/self/ns/net")
+
+
+def test_a_call_whose_seccomp_fails_in_the_shared_network_namespace_does_not_run(monkeypatch):
+    import ossrl.rollout.sandbox_pool as sp
+
+    layers = run(probe_sandbox(SandboxConfig()))
+    if layers.get("netns") is not True or layers.get("seccomp") is not True:
+        pytest.skip(f"no network namespace or no seccomp here: {layers}")
+    # the zygote's own check passes; the filter then fails in the calls' children only
+    src = sp._ZYGOTE_SOURCE.replace("def _seccomp(ctypes, libc):\n", "def _seccomp(ctypes, libc):\n"
+                                    "    if _cfg['tmp'] == _WORK[0]:\n        return 'failed: injected'\n", 1)
+    assert src != sp._ZYGOTE_SOURCE
+    monkeypatch.setattr(sp, "_ZYGOTE_SOURCE", src)
+    monkeypatch.setattr(sp, "_CODE", [])
+    cfg = SandboxConfig(pool_idle_seconds=62.0)
+    try:
+        r = run(run_sandboxed("print('ran')", cfg))
+        assert not r.ok and r.error == "sandbox_error" and "seccomp" in r.content and "ran" not in r.content, r
+    finally:
+        z = pool_for(cfg).current()
+        if z is not None:
+            z.close()
 
 
 def test_an_idle_zygote_is_stopped_and_the_next_call_starts_another():

@@ -10,8 +10,11 @@ bootstrap applies these layers, each on its own (one that the kernel refuses doe
 others), in this order. With ``SandboxConfig(pool=True)``, the default, the call is instead a
 child forked from a warm zygote of that same interpreter (``sandbox_pool.py``): the zygote holds
 namespaces and read-only mounts ready, and the child applies every per-call layer itself (its own
-mount and network namespaces, tmpfs, Landlock, uid, rlimits, seccomp, hook) before the code runs,
-so each call gets the same layers at a small fraction of the cost:
+mount namespace, tmpfs, Landlock, uid, rlimits, seccomp, hook) before the code runs, so each call
+gets the same layers at a small fraction of the cost. Where seccomp holds (checked once by the
+zygote), the calls share the zygote's new, empty network namespace: none of them can create a
+socket, so a namespace of its own would separate nothing; elsewhere each call gets its own, and
+a call whose seccomp fails in the shared one does not run (``sandbox_error``):
 
 1. Namespaces: a new network namespace (no network at all) and a new mount namespace, with
    ``unshare`` as root, otherwise inside a new user namespace where unprivileged ones are

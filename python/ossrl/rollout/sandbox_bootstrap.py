@@ -436,6 +436,8 @@ def _main(shared=True, cells=None):
     import traceback, linecache, builtins  # before the hook and the memory cap bite
     _status["audit_hook"] = bool(_cfg["audit_hook"])
     missing = [k for k in _cfg["require"] if _status.get(k) is not True]
+    if globals().get("_SHARED_NET") and _status.get("seccomp") is not True and "seccomp" not in missing:
+        missing.append("seccomp")  # in the zygote's network namespace only if it cannot make sockets
     _report(_status)
     if missing:
         os.write(2, ("sandbox: required isolation layers unavailable: %s (%s)\n"

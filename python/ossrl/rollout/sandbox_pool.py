@@ -4,8 +4,10 @@ A fresh sandboxed interpreter costs an interpreter start, its imports and the na
 (about 57 ms of CPU per call). The zygote (``sandbox_zygote.py``, run with the same ``python -I
 -S`` as the one-shot bootstrap and nothing heavy imported: no torch, no site-packages) pays those
 once: it creates the namespaces, makes the tree read-only and hides the installed packages, then
-forks. Each child finishes the lock-down itself (a mount and network namespace of its own, a
-fresh tmpfs working directory, Landlock, an unused uid, rlimits, seccomp, the audit hook) before
+forks. Each child finishes the lock-down itself (a mount namespace of its own, and a network
+namespace of its own where seccomp does not hold (with seccomp no call can open a socket, and the
+zygote's empty one is shared), a fresh tmpfs working directory, Landlock, an unused uid,
+rlimits, seccomp, the audit hook) before
 the model's code runs, runs that one program, and exits. Every layer of :mod:`.sandbox`'s threat
 model holds for it as for a fresh process, and ``probe_sandbox`` asks a pool child when the pool
 is on. Nothing is shared between calls: the model's code never runs in the zygote, and a child
