@@ -536,6 +536,26 @@ def test_paged_matches_varlen(device, block_size, window, gqa):
             assert_within(got, want, 2 * bound)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_reads_a_cache_with_odd_strides_as_the_same_cache(device):
+    """A cache whose rows are not 16-byte aligned (a slice of a wider one): on CUDA the blocks the
+    table names are gathered (not the whole cache copied); the result is bit for bit the same."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    d = 64 if device == "cuda" else 16
+    lens_k, lens_q = [32, 1, 45], [1, 3, 45]
+    q, k, v, s = make_inputs(lens_q, lens_k, 8, 2, d, dtype, device=device, sinks=True, seed=9)
+    cq, ck = cu(lens_q, device), cu(lens_k, device)
+    kc, vc, bt, seq_lens = build_cache(k, v, ck, 16, extra_blocks=40)
+    want = paged_attention(q, kc, vc, bt, cq, seq_lens, 45, 45, sinks=s)
+    wide_k = torch.full(kc.shape[:-1] + (d + 3,), math.nan, dtype=dtype, device=device)
+    wide_v = torch.full_like(wide_k, math.nan)
+    wide_k[..., 1:d + 1], wide_v[..., 1:d + 1] = kc, vc
+    odd_k, odd_v = wide_k[..., 1:d + 1], wide_v[..., 1:d + 1]  # rows of d + 3 elements, shifted by one
+    assert odd_k.stride(2) == d + 3 and not odd_k.is_contiguous()
+    got = paged_attention(q, odd_k, odd_v, bt, cq, seq_lens, 45, 45, sinks=s)
+    assert torch.equal(got, want)
+
+
 def test_paged_cache_contents_and_untouched_slots():
     lens = [10, 3]
     k = torch.randn(13, 2, 4)

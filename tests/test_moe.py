@@ -1,5 +1,9 @@
 """Grouped GEMM, routing and the fused expert block against float64 references and transformers."""
 
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import DEVICES
@@ -585,3 +589,42 @@ def test_moe_route_given_bad_input():
             moe_route_given(lg, experts)
     with pytest.raises((RuntimeError, ValueError)):
         moe_route_given(lg.to(torch.int32), good)
+
+
+_DEVICE_ASSERT = """
+import sys, torch
+from ossrl.ops import moe_experts, moe_route, moe_route_given
+torch.manual_seed(0)
+T, H, I, E, k = 13, 8, 6, 4, 2
+x = torch.randn(T, H, device="cuda")
+r = moe_route(torch.randn(T, E, device="cuda"), k)
+ps = [torch.randn(E, H, 2 * I, device="cuda"), torch.randn(E, 2 * I, device="cuda"),
+      torch.randn(E, I, H, device="cuda"), torch.randn(E, H, device="cuda")]
+case = sys.argv[1]
+if case == "twice":
+    order = r.order.clone()
+    order[5] = order[2]
+    moe_experts(x, r._replace(order=order), *ps)
+elif case == "outside":
+    order = r.order.clone()
+    order[0] = T * k
+    moe_experts(x, r._replace(order=order), *ps)
+else:
+    g = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32, device="cuda")
+    moe_route_given(torch.randn(2, E, device="cuda"), g)
+torch.cuda.synchronize()
+print("no error")
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case, message", [("twice", "appears more than once"), ("outside", "not a flat"),
+                                           ("given", "outside \\[0, num_experts\\)")])
+def test_cuda_rejects_bad_routing_on_the_device(case, message):
+    """On CUDA the routing's values are checked without a host synchronisation: a device-side
+    assert (it ends the process's CUDA context, so each case runs in a process of its own)."""
+    p = subprocess.run([sys.executable, "-c", _DEVICE_ASSERT, case], capture_output=True, text=True, timeout=300)
+    said = p.stdout + p.stderr  # the device prints its assertion on its own stream
+    assert p.returncode != 0 and "no error" not in p.stdout, said[-2000:]
+    assert "device-side assert" in said and re.search(message, said), said[-2000:]

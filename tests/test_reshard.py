@@ -644,6 +644,29 @@ def test_cuda_copy_all_modes(many):
 
 @pytest.mark.cuda
 @needs_cuda
+def test_cuda_copy_of_many_pairs_replays_in_a_cuda_graph():
+    """More pairs than fit in one launch's parameters: under capture they go by value in several
+    launches, so a replay, after the host buffers of other copies were reused, copies the new values."""
+    dev = "cuda"
+    srcs = [torch.randn(100 + i, device=dev) for i in range(29)]
+    dsts = [torch.empty(100 + i, dtype=torch.bfloat16, device=dev) for i in range(29)]
+    multi_tensor_copy_(dsts, srcs)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        multi_tensor_copy_(dsts, srcs)
+    for _ in range(3):  # other many-pair copies take (and give back) pinned host buffers meanwhile
+        multi_tensor_copy_([torch.empty(50, device=dev) for _ in range(20)], [torch.randn(50, device=dev) for _ in range(20)])
+    for s in srcs:
+        s.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for d, s in zip(dsts, srcs):
+        assert torch.equal(d, s.bfloat16())
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_plan_and_errors():
     p = {n: t.cuda() for n, t in _train_params(seed=3).items()}
     dsts = {n: t.cuda() for n, t in _rollout_dsts().items()}

@@ -280,7 +280,7 @@ ExpertArgs check_experts(const at::Tensor& x, const at::Tensor& weights, const a
   a.routed = a.E ? a.offsets.data_ptr<int32_t>()[a.E - 1] : 0;
   const int32_t* ord = a.order.data_ptr<int32_t>();
   // Each (token, slot) at most once: a repeated entry would add its row twice here and race on
-  // CUDA (where this check would cost a host synchronisation, so the CUDA kernels do not make it).
+  // CUDA (where the same check is a device-side assert: on the host it would cost a synchronisation).
   std::vector<uint8_t> seen(static_cast<size_t>(a.T * a.k), 0);
   for (int64_t r = 0; r < a.routed; ++r) {
     OSSRL_CHECK_VALUE(ord[r] >= 0 && ord[r] < a.T * a.k, op, "routing.order[", r, "] = ", ord[r],

@@ -1239,13 +1239,22 @@ void paged_kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache,
   else launch(uint64_t{});
 }
 
-// K/V cache usable by the forward kernel: unit stride in the head dim, 16-byte aligned rows.
-at::Tensor cache_for_reading(const at::Tensor& c) {
+// Whether the forward kernel can read a K/V cache in place: unit stride in the head dim, 16-byte
+// aligned rows.
+bool cache_readable(const at::Tensor& c) {
   const int64_t es = c.element_size();
-  const bool ok = c.stride(3) == 1 && (c.stride(0) * es) % 16 == 0 &&
-                  (c.stride(1) * es) % 16 == 0 && (c.stride(2) * es) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0;
-  return ok ? c : c.clone(at::MemoryFormat::Contiguous);
+  return c.stride(3) == 1 && (c.stride(0) * es) % 16 == 0 && (c.stride(1) * es) % 16 == 0 &&
+         (c.stride(2) * es) % 16 == 0 && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0;
+}
+
+// A cache it cannot: only the blocks the table names are copied (B x max_blocks of them, in table
+// order, not the whole cache), and the table becomes their positions. Entries past a sequence's
+// length are never read; clamped, they copy some block harmlessly. No host synchronisation.
+void gather_cache_blocks(at::Tensor& kc, at::Tensor& vc, at::Tensor& bt, int64_t num_blocks) {
+  const at::Tensor idx = bt.to(at::kLong).flatten().clamp(0, num_blocks - 1);
+  kc = kc.index_select(0, idx).contiguous();
+  vc = vc.index_select(0, idx).contiguous();
+  bt = at::arange(idx.numel(), bt.options()).view(bt.sizes());
 }
 
 at::Tensor paged_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache_in,
@@ -1287,9 +1296,10 @@ at::Tensor paged_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
     if (Tq == 0 || d.B == 0 || Hq == 0 || d.num_blocks == 0 || d.max_blocks == 0) return;
     auto stream = at::cuda::getCurrentCUDAStream();
     at::Tensor q = dense(q_in);
-    at::Tensor kc = cache_for_reading(k_cache_in), vc = cache_for_reading(v_cache_in);
+    at::Tensor kc = k_cache_in, vc = v_cache_in;
     at::Tensor bt = block_table_in.contiguous(), cu_q = cu_q_in.contiguous(),
                sl = seq_lens_in.contiguous();
+    if (!cache_readable(kc) || !cache_readable(vc)) gather_cache_blocks(kc, vc, bt, d.num_blocks);
     const int64_t max_keys =
         std::min<int64_t>(d.max_blocks * d.block_size, static_cast<int64_t>(kMaxTokens));
     const int64_t mk = std::min<int64_t>(max_seqlen_k, max_keys);
@@ -1333,7 +1343,7 @@ at::Tensor paged_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
     p.rows_per_token = static_cast<int>(G);
     p.max_blocks = static_cast<int>(d.max_blocks);
     p.block_size = static_cast<int>(d.block_size);
-    p.num_cache_blocks = static_cast<int>(d.num_blocks);
+    p.num_cache_blocks = static_cast<int>(kc.size(0));  // the blocks gathered, if they were
     p.max_keys = static_cast<int>(max_keys);
     p.causal = causal;
     p.window = clamp_window(window, max_keys);

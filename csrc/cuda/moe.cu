@@ -773,14 +773,21 @@ __global__ void zero_tail_kernel(T* __restrict__ out, int64_t ld, int rows, int 
     for (int n = threadIdx.x; n < N; n += blockDim.x) out[static_cast<int64_t>(r) * ld + n] = T(0.f);
 }
 
-// inv[order[r]] = r for routed rows r < bounds[E] (inv pre-filled with -1).
+// inv[order[r]] = r for routed rows r < bounds[E] (inv pre-filled with -1). It is also the check
+// the CPU kernels make on the host (there it would cost a synchronisation): an entry outside
+// [0, T*k) or given twice (two rows would then race on one output row) is a device-side assert,
+// as an out-of-range index is in torch's own CUDA indexing.
 __global__ void build_inv_kernel(const int32_t* __restrict__ order, int rows,
                                  const int32_t* __restrict__ end_ptr, int flat_total,
                                  int32_t* __restrict__ inv) {
   const int r = blockIdx.x * kThreads + threadIdx.x;
   if (r >= rows || r >= *end_ptr) return;
   const int f = order[r];
-  if (f >= 0 && f < flat_total) inv[f] = r;
+  CUDA_KERNEL_ASSERT(f >= 0 && f < flat_total &&
+                     "moe_experts: a routing.order entry is not a flat (token, slot) index in [0, T*k)");
+  if (f < 0 || f >= flat_total) return;
+  const int before = atomicCAS(inv + f, -1, r);
+  CUDA_KERNEL_ASSERT(before == -1 && "moe_experts: a routing.order entry appears more than once");
 }
 
 // out[t, n] = sum over slots j (in order) of y[t*k + j, n], for the slots that were routed.
@@ -887,8 +894,8 @@ __global__ void route_topk_kernel(const T* __restrict__ logits, int ntok, int E,
   for (int p = lane; p < k; p += 32) wrow[p] = expf(wrow[p] - top) / s;
 }
 
-// Routing replay: the experts are given (one row per token, clamped into [0, E): the host checks
-// shapes only, values would need a synchronisation); the weights are the softmax of the logits at
+// Routing replay: the experts are given (one row per token; the host checks shapes only, values
+// would need a synchronisation: an id outside [0, E) is a device-side assert, then clamped); the weights are the softmax of the logits at
 // those experts, in slot order. One thread per token: k is small (4 for GPT-OSS).
 template <typename T>
 __global__ void route_given_kernel(const T* __restrict__ logits, const int32_t* __restrict__ given, int ntok,
@@ -901,6 +908,9 @@ __global__ void route_given_kernel(const T* __restrict__ logits, const int32_t* 
   int32_t* erow = experts + static_cast<int64_t>(t) * k;
   float top = -INFINITY;
   for (int p = 0; p < k; ++p) {
+    CUDA_KERNEL_ASSERT(g[p] >= 0 && g[p] < E && "moe_route_given: an expert id is outside [0, num_experts)");
+    for (int q = 0; q < p; ++q)
+      CUDA_KERNEL_ASSERT(g[q] != g[p] && "moe_route_given: a token's expert appears twice");
     const int e = min(max(g[p], 0), E - 1);
     erow[p] = e;
     top = fmaxf(top, static_cast<float>(row[e]));

@@ -499,13 +499,25 @@ void multi_tensor_copy_cuda(at::TensorList dsts, at::TensorList srcs) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(total, int64_t(sms) * 8)));
 
-  if (descs.size() <= static_cast<size_t>(kInline)) {
-    InlineTable table;
-    std::memset(&table, 0, sizeof(table));
-    std::copy(descs.begin(), descs.end(), table.d);
-    table.n = static_cast<int32_t>(descs.size());
-    multi_copy_inline_kernel<<<blocks, kThreads, 0, stream>>>(table, total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Under CUDA-graph capture a copy from pinned host memory would be replayed from a buffer the
+  // host allocator has since reused: there the descriptors go by value, kInline per launch
+  // (kernel parameters are part of the graph).
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (descs.size() <= static_cast<size_t>(kInline) || capture != cudaStreamCaptureStatusNone) {
+    for (size_t first = 0; first < descs.size(); first += kInline) {
+      const size_t n = std::min<size_t>(kInline, descs.size() - first);
+      InlineTable table;
+      std::memset(&table, 0, sizeof(table));
+      std::copy(descs.begin() + first, descs.begin() + first + n, table.d);
+      const int64_t base = table.d[0].start;  // this launch's block items, counted from 0
+      for (size_t i = 0; i < n; ++i) table.d[i].start -= base;
+      const int64_t items = table.d[n - 1].start + table.d[n - 1].items;
+      table.n = static_cast<int32_t>(n);
+      const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(items, int64_t(sms) * 8)));
+      multi_copy_inline_kernel<<<grid, kThreads, 0, stream>>>(table, items);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     return;
   }
   // The descriptor table: filled in pinned host memory, copied asynchronously on the current
