@@ -1,6 +1,7 @@
 """Packed variable-length attention (sliding windows, GQA, sinks) and paged decoding.
 
-Kernels: csrc/cpu/attention.cpp and csrc/cuda/attention.cu; schemas: csrc/ops.cpp.
+Kernels: csrc/cpu/attention.cpp and csrc/cuda/attention_{varlen,paged}.cu (the forward kernel in
+attention_fwd.cuh, shared helpers in attention_common.cuh); schemas: csrc/ops.cpp.
 
 Masks, shared by every op here. Query ``i`` of a sequence with ``Lq`` queries and ``Lk`` keys
 sits at key position ``p = i + Lk - Lq`` (the queries are the last ``Lq`` tokens: bottom-right

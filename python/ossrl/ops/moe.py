@@ -1,6 +1,7 @@
 """Mixture-of-experts ops: grouped GEMM, top-k routing and the fused GPT-OSS expert block.
 
-Kernels: csrc/cpu/moe.cpp and csrc/cuda/moe.cu; schemas: csrc/ops.cpp.
+Kernels: csrc/cpu/moe.cpp and csrc/cuda/moe_*.cu (grouped GEMM, routing, the expert block; the
+shared tiles and GEMM kernels in moe_tiles.cuh and moe_gemm.cuh); schemas: csrc/ops.cpp.
 """
 
 from __future__ import annotations
