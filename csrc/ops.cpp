@@ -50,6 +50,20 @@ TORCH_LIBRARY(ossrl, m) {
       "Tensor cu_seqlens_q, Tensor seq_lens, int max_seqlen_q, int max_seqlen_k, bool causal, "
       "int window, Tensor? sinks, float softmax_scale) -> Tensor");
 
+  // The ATen composite the CUDA attention ops fall back to (float32, other head dims), exposed
+  // on the CPU only so that the tests can compare it with the kernels (csrc/attention_composite.cpp).
+  m.def(
+      "_varlen_attention_composite(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, bool causal, int window, Tensor? sinks, float softmax_scale) -> (Tensor, Tensor)");
+  m.def(
+      "_varlen_attention_backward_composite(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, bool causal, int window, Tensor? sinks, "
+      "float softmax_scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_paged_attention_composite(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+      "Tensor cu_seqlens_q, Tensor seq_lens, bool causal, int window, Tensor? sinks, "
+      "float softmax_scale) -> Tensor");
+
   // ---- resharding (csrc/*/reshard.*) ----
   // dsts[i].copy_(srcs[i]) for every i in one fused pass, casting dtype, strided destinations.
   m.def("multi_tensor_copy_(Tensor(a!)[] dsts, Tensor[] srcs) -> ()");

@@ -828,3 +828,88 @@ def test_memory_control_detects_quadratic():
 @pytest.mark.parametrize("window", [None, 128])
 def test_memory_linear_16k(window):
     assert _peak_mib("ours", window) < MEM_LIMIT_MIB
+
+
+# ---- the ATen composite the CUDA ops fall back to (float32, other head dims) ----------------------
+# Registered on the CPU as private ops so that it is checked here; on a GPU the public ops run it.
+
+_F64 = dict(rtol=1e-10, atol=1e-12)  # float64 against float64: the same sums in another order
+
+
+def _window(w):
+    return -1 if w is None else w
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("gqa, d", [(1, 16), (4, 24)])
+def test_composite_matches_reference_forward_and_backward(causal, window, sinks, gqa, d):
+    lens_q, lens_k = LENS["mixed"]  # with a query row that sees nothing and an empty sequence
+    q, k, v, s = make_inputs(lens_q, lens_k, 8, 8 // gqa, d, torch.float64, sinks=sinks, seed=3)
+    cq, ck = cu(lens_q), cu(lens_k)
+    scale = d**-0.5
+    out, lse = torch.ops.ossrl._varlen_attention_composite(q, k, v, cq, ck, causal, _window(window), s, scale)
+    ref_out, ref_lse = reference(q, k, v, cq, ck, causal=causal, window=window, sinks=s)
+    torch.testing.assert_close(out, ref_out, **_F64)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    torch.testing.assert_close(torch.where(torch.isinf(lse), 0, lse), torch.where(torch.isinf(ref_lse), 0, ref_lse),
+                               **_F64)
+    grad = torch.randn_like(q)
+    want = run_backward(lambda q_, k_, v_, s_: reference(q_, k_, v_, cq, ck, causal=causal, window=window,
+                                                         sinks=s_)[0], q, k, v, s, grad)
+    got = torch.ops.ossrl._varlen_attention_backward_composite(grad, q, k, v, out, lse, cq, ck, causal,
+                                                               _window(window), s, scale)
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), got, want + [None]):
+        if b is None:  # no sinks: an empty dsinks
+            assert a.numel() == 0
+            continue
+        torch.testing.assert_close(a, b, **_F64, msg=lambda m: f"{name}: {m}")
+
+
+def test_composite_float32_agrees_with_the_cpu_kernels_within_their_bounds():
+    lens_q, lens_k = LENS["mixed"]
+    q, k, v, s = make_inputs(lens_q, lens_k, 8, 2, 24, torch.float32, sinks=True, seed=4)
+    cq, ck = cu(lens_q), cu(lens_k)
+    out, lse = torch.ops.ossrl._varlen_attention_composite(q, k, v, cq, ck, True, 6, s, 24**-0.5)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    ref_out, _ = reference(q, k, v, cq, ck, causal=True, window=6, sinks=s)
+    bound, _ = forward_bound(q, k, v, cq, ck, causal=True, window=6, sinks=s)
+    assert_within(out, ref_out, bound, "composite out")
+    kernel = varlen_attention(q, k, v, cq, ck, 70, 150, window=6, sinks=s)
+    assert_within(out, kernel, 2 * bound, "composite vs kernel")
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_composite_paged_matches_the_varlen_reference(window):
+    lens_k, lens_q = [32, 1, 45, 80, 7], [1, 1, 3, 80, 0]
+    q, k, v, s = make_inputs(lens_q, lens_k, 8, 2, 16, torch.float64, sinks=True, seed=8)
+    cq, ck = cu(lens_q), cu(lens_k)
+    kc, vc, bt, seq_lens = build_cache(k, v, ck, 5)  # unused slots NaN: a stray read would show
+    got = torch.ops.ossrl._paged_attention_composite(q, kc, vc, bt, cq, seq_lens, True, _window(window), s, 0.25)
+    want, _ = reference(q, k, v, cq, ck, window=window, sinks=s, scale=0.25)
+    torch.testing.assert_close(got, want, **_F64)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 64), (torch.bfloat16, 32), (torch.float32, 80)])
+def test_cuda_attention_without_a_kernel_instantiation_runs_the_composite(dtype, d):
+    """float32 and head dims other than 64 and 128 on CUDA: forward, backward and paged, against
+    the CPU kernels on the same inputs (within the float32 / bf16 rounding of both)."""
+    lens_q, lens_k = LENS["mixed"]
+    q, k, v, s = make_inputs(lens_q, lens_k, 8, 2, d, dtype, sinks=True, seed=5)
+    cq, ck = cu(lens_q), cu(lens_k)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(q)
+    fn = lambda q_, k_, v_, s_: varlen_attention(q_, k_, v_, cq.to(q_.device), ck.to(q_.device), 70, 150,
+                                                 window=5, sinks=s_)
+    want = run_backward(fn, q, k, v, s, grad)
+    got = run_backward(fn, q.cuda(), k.cuda(), v.cuda(), s.cuda(), grad.cuda())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu().float(), b.float(), **tol)
+    kc, vc, bt, seq_lens = build_cache(k, v, ck, 16)
+    want = paged_attention(q, kc, vc, bt, cq, seq_lens, 70, 150, window=5, sinks=s)
+    got = paged_attention(q.cuda(), kc.cuda(), vc.cuda(), bt.cuda(), cq.cuda(), seq_lens.cuda(), 70, 150,
+                          window=5, sinks=s.cuda())
+    torch.testing.assert_close(got.cpu().float(), want.float(), **tol)

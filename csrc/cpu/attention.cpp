@@ -1041,14 +1041,7 @@ void paged_kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, c
   const int64_t T = k.size(0);
   check_cu_seqlens(cu_seqlens, T, op, "cu_seqlens", "the number of new tokens k.shape[0]");
   check_size(cu_seqlens, 0, B + 1, op, "cu_seqlens", "len(cache_seqlens) + 1");
-  // Every write must land in memory of its own: a broadcast (stride-0) cache, or K and V caches
-  // that are one tensor, would let one token's write overwrite another's.
-  for (auto [c, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}})
-    OSSRL_CHECK(at::has_internal_overlap(*c) != at::MemOverlap::Yes, op, name,
-                " has elements that share memory (a stride of 0?): appends into it would overwrite each other");
-  const auto kv = at::get_overlap_status(k_cache, v_cache);
-  OSSRL_CHECK(kv != at::MemOverlapStatus::Full && kv != at::MemOverlapStatus::Partial, op,
-              "k_cache and v_cache share memory: they must be two separate caches");
+  check_separate_caches(k_cache, v_cache, op);
   const auto cu = int_values(cu_seqlens), start = int_values(cache_seqlens), bt = int_values(block_table);
   const int64_t capacity = pg.max_blocks * pg.block_size;
   std::vector<std::pair<int32_t, int64_t>> written;  // (block, sequence) of every block an append writes

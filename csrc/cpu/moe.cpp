@@ -202,15 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_given_cpu(
     const at::Tensor& router_logits, const at::Tensor& experts_in) {
   const char* op = "moe_route_given";
   check_cpu(router_logits, op, "router_logits");
-  check_dim(router_logits, 2, op, "router_logits");
-  check_float(router_logits, op, "router_logits");
-  check_dim(experts_in, 2, op, "experts");
-  OSSRL_CHECK(experts_in.scalar_type() == at::kInt, op, "experts must be int32, got ", experts_in.scalar_type());
-  check_same_device(experts_in, router_logits, op, "experts", "router_logits");
-  const int64_t T = router_logits.size(0), E = router_logits.size(1), k = experts_in.size(1);
-  OSSRL_CHECK(experts_in.size(0) == T, op, "experts must have one row per token (", T, "), got ",
-              experts_in.size(0));
-  OSSRL_CHECK_VALUE(E > 0 && k >= 1 && k <= E, op, "experts must have 1 to E=", E, " slots, got ", k);
+  const GivenShapes gs = check_route_given(router_logits, experts_in, op);
+  const int64_t T = gs.T, E = gs.E, k = gs.k;
   const at::Tensor experts = experts_in.contiguous().clone();
   const int32_t* ex = experts.data_ptr<int32_t>();
   for (int64_t t = 0; t < T; ++t) {  // every id in range, none twice in a row (the kernels rely on it)

@@ -19,6 +19,7 @@
 #include <tuple>
 #include <type_traits>
 #include "ossrl/cuda_arch.h"
+#include "ossrl/attention_composite.h"
 #include "ossrl/check.h"
 
 namespace ossrl {
@@ -182,6 +183,14 @@ at::Tensor dense(const at::Tensor& t) {
 }
 
 // bf16/fp16 and head dim 64/128: calls f(T{}, std::integral_constant<int, D>{}).
+// Whether the tensor-core kernels have an instantiation for these inputs; the others (float32,
+// float64, other head dims) run the ATen composite (csrc/attention_composite.cpp): exact, slow.
+bool kernels_take(at::ScalarType st, int64_t D) {
+  return (st == at::kBFloat16 || st == at::kHalf) && (D == 64 || D == 128);
+}
+
+at::Tensor given(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
 template <typename F>
 void dispatch_attn(at::ScalarType st, int64_t D, const char* op, F&& f) {
   OSSRL_CHECK(st == at::kBFloat16 || st == at::kHalf, op,

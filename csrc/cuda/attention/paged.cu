@@ -83,12 +83,7 @@ void paged_kv_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache,
   const PagedDims d = check_cache(op, k_cache, v_cache, block_table_in, k_cache, "k_cache");
   // Cheap (no host sync), as on the CPU: every write needs memory of its own. Two sequences
   // appending into one block are not checked here (that needs the block table on the host).
-  for (auto [c, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}})
-    OSSRL_CHECK(at::has_internal_overlap(*c) != at::MemOverlap::Yes, op, name,
-                " has elements that share memory (a stride of 0?): appends into it would overwrite each other");
-  const auto kv = at::get_overlap_status(k_cache, v_cache);
-  OSSRL_CHECK(kv != at::MemOverlapStatus::Full && kv != at::MemOverlapStatus::Partial, op,
-              "k_cache and v_cache share memory: they must be two separate caches");
+  check_separate_caches(k_cache, v_cache, op);
   check_same_dtype(k_in, k_cache, op, "k", "k_cache");
   check_same_dtype(v_in, k_cache, op, "v", "k_cache");
   check_same_device(k_in, k_cache, op, "k", "k_cache");
@@ -182,6 +177,9 @@ at::Tensor paged_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cach
               "at most 2^30 (query token, head) rows per GQA group are supported");
   c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor sinks = prepare_sinks(sinks_in, q_in, Hq, op);
+  if (!kernels_take(q_in.scalar_type(), D))
+    return composite::paged_attention(q_in, k_cache_in, v_cache_in, block_table_in, cu_q_in, seq_lens_in,
+                                      causal, window, given(sinks_in), softmax_scale);
   at::Tensor out = at::zeros(q_in.sizes(), q_in.options());
   dispatch_attn(q_in.scalar_type(), D, op, [&](auto tag, auto dim) {
     using T = decltype(tag);

@@ -332,6 +332,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cuda(
                                   max_seqlen_k, window);
   c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor sinks = prepare_sinks(sinks_in, q_in, d.Hq, op);
+  if (!kernels_take(q_in.scalar_type(), d.D))
+    return composite::varlen_attention(q_in, k_in, v_in, cu_q_in, cu_k_in, causal, window,
+                                       given(sinks_in), softmax_scale);
   at::Tensor out = at::zeros(q_in.sizes(), q_in.options());
   at::Tensor lse = at::full({d.Hq, d.Tq}, -std::numeric_limits<float>::infinity(),
                             q_in.options().dtype(at::kFloat));
@@ -396,13 +399,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_back
   check_same_device(grad_out, q_in, op, "grad_out", "q");
   check_same_device(out_in, q_in, op, "out", "q");
   check_dim(lse_in, 2, op, "lse");
-  OSSRL_CHECK(lse_in.scalar_type() == at::kFloat, op, "lse must be float32, got ",
+  const auto lse_type = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  OSSRL_CHECK(lse_in.scalar_type() == lse_type, op, "lse must be ", lse_type, ", got ",
               lse_in.scalar_type());
   OSSRL_CHECK(lse_in.size(0) == d.Hq && lse_in.size(1) == d.Tq, op, "lse must have shape (",
               d.Hq, ", ", d.Tq, "), got ", lse_in.sizes());
   check_same_device(lse_in, q_in, op, "lse", "q");
   c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor sinks = prepare_sinks(sinks_in, q_in, d.Hq, op);
+  if (!kernels_take(q_in.scalar_type(), d.D))
+    return composite::varlen_attention_backward(grad_out, q_in, k_in, v_in, out_in, lse_in, cu_q_in,
+                                                cu_k_in, causal, window, given(sinks_in), softmax_scale);
 
   at::Tensor dk = at::zeros(k_in.sizes(), k_in.options());
   at::Tensor dv = at::zeros(v_in.sizes(), v_in.options());

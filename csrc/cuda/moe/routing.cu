@@ -248,14 +248,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_given_cuda(
   ossrl::cuda::require_kernel_image(router_logits, "moe_route_given");
   const char* op = "moe_route_given";
   check_cuda(router_logits, op, "router_logits");
-  check_dim(router_logits, 2, op, "router_logits");
-  check_float(router_logits, op, "router_logits");
-  check_dim(given, 2, op, "experts");
-  OSSRL_CHECK(given.scalar_type() == at::kInt, op, "experts must be int32, got ", given.scalar_type());
-  check_same_device(given, router_logits, op, "experts", "router_logits");
-  const int64_t T = router_logits.size(0), E = router_logits.size(1), k = given.size(1);
-  OSSRL_CHECK(given.size(0) == T, op, "experts must have one row per token (", T, "), got ", given.size(0));
-  OSSRL_CHECK_VALUE(E > 0 && k >= 1 && k <= E, op, "experts must have 1 to E=", E, " slots, got ", k);
+  const GivenShapes gs = check_route_given(router_logits, given, op);
+  const int64_t T = gs.T, E = gs.E, k = gs.k;
   check_int_range(T * k, op, "T * k");
   check_int_range(E, op, "number of experts");
   const c10::cuda::CUDAGuard guard(router_logits.device());

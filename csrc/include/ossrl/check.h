@@ -2,8 +2,10 @@
 // sees "ossrl.grouped_gemm: offsets must be int32" rather than a crash or a stride error.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <initializer_list>
+#include <utility>
 #include <string>
 
 namespace ossrl {
@@ -94,6 +96,18 @@ inline void check_cu_seqlens(const at::Tensor& cu, int64_t total, const char* op
   }
   OSSRL_CHECK_VALUE(p[n - 1] == total, op, name, "[-1] = ", p[n - 1], " must equal ", total_name,
                     " (", total, ")");
+}
+
+// A K and a V cache that paged_kv_append writes into: every write must land in memory of its own.
+// A broadcast (stride-0) cache, or K and V caches that are one tensor, would let one token's write
+// overwrite another's. (Cheap: no values read, so the CUDA op makes the same check.)
+inline void check_separate_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const char* op) {
+  for (auto [c, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}})
+    OSSRL_CHECK(at::has_internal_overlap(*c) != at::MemOverlap::Yes, op, name,
+                " has elements that share memory (a stride of 0?): appends into it would overwrite each other");
+  const auto kv = at::get_overlap_status(k_cache, v_cache);
+  OSSRL_CHECK(kv != at::MemOverlapStatus::Full && kv != at::MemOverlapStatus::Partial, op,
+              "k_cache and v_cache share memory: they must be two separate caches");
 }
 
 }  // namespace ossrl

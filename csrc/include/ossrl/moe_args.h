@@ -103,4 +103,23 @@ inline ExpertShapes check_expert_shapes(const at::Tensor& x, const at::Tensor& w
   return a;
 }
 
+// moe_route_given(router_logits (T,E), experts (T,k) int32): the shapes; returns {T, E, k}. The
+// ids' values are checked on the host by the CPU kernel, by a device-side assert on CUDA.
+struct GivenShapes {
+  int64_t T, E, k;
+};
+inline GivenShapes check_route_given(const at::Tensor& router_logits, const at::Tensor& experts,
+                                     const char* op) {
+  check_dim(router_logits, 2, op, "router_logits");
+  check_float(router_logits, op, "router_logits");
+  check_dim(experts, 2, op, "experts");
+  OSSRL_CHECK(experts.scalar_type() == at::kInt, op, "experts must be int32, got ", experts.scalar_type());
+  check_same_device(experts, router_logits, op, "experts", "router_logits");
+  const int64_t T = router_logits.size(0), E = router_logits.size(1), k = experts.size(1);
+  OSSRL_CHECK(experts.size(0) == T, op, "experts must have one row per token (", T, "), got ",
+              experts.size(0));
+  OSSRL_CHECK_VALUE(E > 0 && k >= 1 && k <= E, op, "experts must have 1 to E=", E, " slots, got ", k);
+  return {T, E, k};
+}
+
 }  // namespace ossrl
