@@ -10,6 +10,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -44,7 +45,7 @@ at::Tensor scores(const at::Tensor& qb, const at::Tensor& kb, bool causal, int64
   const at::Tensor kh = kb.to(acc).repeat_interleave(g, 1).permute({1, 2, 0});  // (Hq, D, Lk)
   at::Tensor s = at::matmul(qh, kh).mul_(scale);
   s.masked_fill_(visible(lq, lk, causal, window, qb.options()).logical_not(), -INFINITY);
-  if (sinks.defined()) s = at::cat({s, sinks.to(acc).view({hq, 1, 1}).expand({hq, lq, 1})}, -1);
+  if (sinks.defined()) s = at::cat({s, sinks.to(acc).reshape({hq, 1, 1}).expand({hq, lq, 1})}, -1);
   return s;
 }
 
@@ -134,11 +135,12 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
                            const at::Tensor& block_table, const at::Tensor& cu_q, const at::Tensor& seq_lens,
                            bool causal, int64_t window, const at::Tensor& sinks, double scale) {
   const auto lens = host_ints(seq_lens);
-  const at::Tensor bt = block_table.to(at::kLong);
-  const int64_t bs = k_cache.size(1);
+  // clamped like the kernel's reads: a bad entry reads some block, never outside the cache
+  const at::Tensor bt = block_table.to(at::kLong).clamp(0, std::max<int64_t>(k_cache.size(0) - 1, 0));
+  const int64_t bs = k_cache.size(1), max_tokens = block_table.size(1) * bs;
   std::vector<at::Tensor> ks, vs;
   for (size_t b = 0; b < lens.size(); ++b) {  // the first seq_lens[b] tokens of the sequence's blocks
-    const int64_t n = lens[b], nblk = (n + bs - 1) / bs;
+    const int64_t n = std::min(std::max<int64_t>(lens[b], 0), max_tokens), nblk = (n + bs - 1) / bs;
     const at::Tensor blocks = bt.select(0, static_cast<int64_t>(b)).narrow(0, 0, nblk);
     ks.push_back(k_cache.index_select(0, blocks).flatten(0, 1).narrow(0, 0, n));
     vs.push_back(v_cache.index_select(0, blocks).flatten(0, 1).narrow(0, 0, n));

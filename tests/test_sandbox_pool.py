@@ -130,6 +130,15 @@ def test_no_process_outlives_its_call():
     assert not _alive(int(flood.content.split()[0]))
 
 
+def _set_up(pid: int) -> bool:
+    """Whether a call's process is past its namespaces: no_new_privs is set after them."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "NoNewPrivs:\t1" in f.read()
+    except OSError:
+        return False
+
+
 def _netns_of_a_call(cfg) -> tuple[str, str]:
     """(the zygote's network namespace, that of a call's process), read from outside."""
     async def go():
@@ -138,7 +147,7 @@ def _netns_of_a_call(cfg) -> tuple[str, str]:
         while True:
             z = pool_for(cfg).current()
             pids = [p.pid for p in list(z._calls.values()) if p.pid] if z is not None else []
-            if pids:
+            if pids and _set_up(pids[0]):
                 break
             assert time.monotonic() < deadline, "the call never started"
             await asyncio.sleep(0.02)

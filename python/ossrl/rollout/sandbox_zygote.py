@@ -108,14 +108,17 @@ def _zygote():
         _drop_bounding_set(ctypes, libc)
     if libc is not None and _cfg["seccomp"] and _status.get("netns") is True:
         _seccomp_filter()
-        pid = os.fork()  # does the filter hold on this kernel? (it cannot be undone: in a child)
+        try:
+            pid = os.fork()  # does the filter hold on this kernel? (it cannot be undone: in a child)
+        except OSError:  # then every child makes its own network namespace
+            pid = -1
         if pid == 0:
             try:
                 _no_new_privs(ctypes, libc)
                 os._exit(0 if _seccomp(ctypes, libc) is True else 1)
             finally:
                 os._exit(1)
-        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0:
+        if pid > 0 and os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0:
             _SHARED_NET.append(True)
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]  # a child sets its own limit (memory_bytes)
     resource.setrlimit(resource.RLIMIT_AS, (min(_cfg["pool_memory_bytes"], hard), hard))
