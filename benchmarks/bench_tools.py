@@ -287,7 +287,8 @@ def hostile(n: int, conc: int, slots: int, timeout: float) -> dict:
     zygote = pool_for(reg.sandbox).current()
     left = [] if zygote is None else [p for p, (pp, _) in _procs().items() if pp == zygote.proc.pid]
     escaped = os.listdir(escape_dir)
-    os.rmdir(escape_dir) if not escaped else None
+    if not escaped:
+        os.rmdir(escape_dir)
     waited_in_sandbox = max(r.seconds for r, k in zip(results, expect) if k is not None)
     return {"hostile": n, "ordinary": n, "concurrency": conc, "sandboxes": slots, "timeout_s": timeout,
             "wall_s": wall, "kinds": by_kind, "wrong": wrong[:20], "n_wrong": len(wrong),

@@ -157,12 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cpu(
     const at::Tensor& router_logits, int64_t top_k) {
   const char* op = "moe_route";
   check_cpu(router_logits, op, "router_logits");
-  check_dim(router_logits, 2, op, "router_logits");
-  check_float(router_logits, op, "router_logits");
-  const int64_t T = router_logits.size(0), E = router_logits.size(1);
-  OSSRL_CHECK_VALUE(E > 0, op, "router_logits must have at least one expert column");
-  OSSRL_CHECK_VALUE(top_k >= 1 && top_k <= E, op, "top_k must be in [1, E=", E, "], got ",
-                    top_k);
+  const int64_t T = router_logits.size(0), E = check_route(router_logits, top_k, op);
   const auto acc = acc_type(router_logits.scalar_type());
   const at::Tensor logits = router_logits.contiguous();
   at::Tensor weights = at::empty({T, top_k}, logits.options().dtype(acc));

@@ -187,12 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
   ossrl::cuda::require_kernel_image(router_logits, "moe_route");
   const char* op = "moe_route";
   check_cuda(router_logits, op, "router_logits");
-  check_dim(router_logits, 2, op, "router_logits");
-  check_float(router_logits, op, "router_logits");
-  const int64_t T = router_logits.size(0), E = router_logits.size(1);
-  OSSRL_CHECK_VALUE(E > 0, op, "router_logits must have at least one expert column");
-  OSSRL_CHECK_VALUE(top_k >= 1 && top_k <= E, op, "top_k must be in [1, E=", E, "], got ",
-                    top_k);
+  const int64_t T = router_logits.size(0), E = check_route(router_logits, top_k, op);
   check_int_range(T * top_k, op, "T * top_k");
   check_int_range(E, op, "number of experts");
 

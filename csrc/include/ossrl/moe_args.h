@@ -103,6 +103,16 @@ inline ExpertShapes check_expert_shapes(const at::Tensor& x, const at::Tensor& w
   return a;
 }
 
+// moe_route(router_logits (T,E), top_k): the shapes; returns E.
+inline int64_t check_route(const at::Tensor& router_logits, int64_t top_k, const char* op) {
+  check_dim(router_logits, 2, op, "router_logits");
+  check_float(router_logits, op, "router_logits");
+  const int64_t E = router_logits.size(1);
+  OSSRL_CHECK_VALUE(E > 0, op, "router_logits must have at least one expert column");
+  OSSRL_CHECK_VALUE(top_k >= 1 && top_k <= E, op, "top_k must be in [1, E=", E, "], got ", top_k);
+  return E;
+}
+
 // moe_route_given(router_logits (T,E), experts (T,k) int32): the shapes; returns {T, E, k}. The
 // ids' values are checked on the host by the CPU kernel, by a device-side assert on CUDA.
 struct GivenShapes {
