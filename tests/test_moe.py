@@ -397,6 +397,33 @@ def test_moe_experts_matches_transformers(dtype):
 # opcheck and torch.compile
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_moe_experts_on_vectorised_tiles_with_many_row_steps(dtype):
+    # H, I multiples of 8 take the 16-byte cp.async loads; ~150 rows per expert give the
+    # weight-gradient GEMMs several 32-row steps (their row lookups are fetched a step ahead);
+    # H > 128 gives two column tiles; the k slots are combined from a buffer of x's dtype.
+    T, H, I, E, k = 300, 136, 72, 4, 2
+    x = torch.randn(T, H, device="cuda").to(dtype).requires_grad_()
+    logits = torch.randn(T, E, device="cuda", requires_grad=True)
+    params = expert_params(E, H, I, dtype, "cuda", requires_grad=True)
+    g = torch.randn(T, H, device="cuda").to(dtype)
+    r = moe_route(logits, k)
+    out = moe_experts(x, r, *params)
+    grads = torch.autograd.grad((out.float() * g.float()).sum(), (x, logits, *params))
+    rw, re = ref_route(logits, k)
+    ref = ref_experts(x, rw, re, *params)
+    ref_grads = torch.autograd.grad((ref * g.double()).sum(), (x, logits, *params))
+    # Normwise: bf16/fp16 round h, swiglu(h), each weighted slot and dh once each (a few bf16 unit
+    # roundoffs, relative); an indexing or pipeline fault is off by O(1).
+    bound = 1e-4 if dtype == torch.float32 else 32 * unit_roundoff(torch.bfloat16)
+    for name, a, b in zip(["out", "dx", "dlogits", "dw_gate_up", "db_gate_up", "dw_down", "db_down"],
+                          [out, *grads], [ref, *ref_grads]):
+        err = (a.double() - b).norm() / b.norm().clamp_min(1e-30)
+        assert torch.isfinite(a).all() and err <= bound, (name, float(err), bound)
+
+
 def _sample_inputs(device="cpu"):
     T, H, I, E, k = 13, 8, 6, 4, 2
     x = torch.randn(T, H, device=device)

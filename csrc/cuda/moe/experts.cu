@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_cuda(
   const at::Tensor wd = w_down.contiguous(), bd = b_down.contiguous();
   const Sched s = make_sched(off, E, R, stream, op);
   at::Tensor act = at::empty({R, I}, x.options());                 // swiglu(h), routed order
-  at::Tensor slots = at::empty({R, H}, x.options().dtype(at::kFloat));  // w_f * y at flat f
+  at::Tensor slots = at::empty({R, H}, x.options());  // w_f * y at flat f (see gemm.cuh)
 
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using S = decltype(tag);
@@ -165,7 +165,7 @@ moe_experts_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
   const int64_t ntI = (I + kBN - 1) / kBN;
   at::Tensor dots = at::empty({R, std::max<int64_t>(ntI, 1)}, x.options().dtype(at::kFloat));
   at::Tensor dw_flat = at::empty({R}, x.options().dtype(at::kFloat));
-  at::Tensor dslots = at::empty({R, H}, x.options().dtype(at::kFloat));
+  at::Tensor dslots = at::empty({R, H}, x.options());
 
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using S = decltype(tag);

@@ -28,12 +28,14 @@
 // * Operand A rows can be read through the routing order (token = order[r] / k): the gather
 //   is part of the A tile load, no gathered copy of x is made. Epilogues are fused: bias,
 //   the clamped SwiGLU (writes h and a), the routing weight with a scatter to flat
-//   (token, slot) rows of an fp32 buffer, and the SwiGLU backward.
+//   (token, slot) rows of a buffer, and the SwiGLU backward.
 // * Combining the k slots of a token is a separate deterministic kernel (fixed slot order, no
-//   atomics): slot rows live in an fp32 (T*k, H) buffer; an inverse permutation of `order`
-//   tells which slots were written (rows past offsets[-1] are dropped), so the buffer needs no
-//   clearing. Reductions over rows (bias gradients, the routing-weight gradient) also use
-//   fixed-order partial sums: results are bitwise reproducible.
+//   atomics, fp32 sums): slot rows live in a (T*k, H) buffer of the input dtype (an fp32 buffer
+//   had cost 755 MB of traffic per layer at 16k tokens, k=4, H=2880; bf16 halves it, at one
+//   rounding of each weighted slot, as torch's own index_add combine rounds); an inverse
+//   permutation of `order` tells which slots were written (rows past offsets[-1] are dropped),
+//   so the buffer needs no clearing. Reductions over rows (bias gradients, the routing-weight
+//   gradient) also use fixed-order partial sums: results are bitwise reproducible.
 // * Weight gradients are variable-K grouped GEMMs (dw[e] = P_e^T Q_e over the expert's rows):
 //   grid (M tiles x N tiles, E); experts without rows write zeros.
 #pragma once
@@ -48,7 +50,7 @@ namespace {
 enum Epi : int {
   kEpiStore = 0,      // out[r, n] = acc + bias[e, n]                          (T, ld ldo)
   kEpiSwiglu = 1,     // h[r, n] = acc + bias; a[r, n/2] = swiglu(gate, up)    (N = 2I)
-  kEpiScatter = 2,    // y[f, n] = w_f * (acc + bias), f = order[r]            (fp32)
+  kEpiScatter = 2,    // y[f, n] = w_f * (acc + bias), f = order[r]            (input dtype)
   kEpiSwigluBwd = 3,  // g = acc (N = I): dh, w_f * a, and <g, a> partial sums per row
 };
 
@@ -217,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) row_gemm_kernel(const
           aout[r * I + n / 2] = T(swiglu_fwd(gate, up, p.alpha, p.limit));
         }
   } else if (p.epi == kEpiScatter) {
-    float* y = static_cast<float*>(p.out);  // (flat_total, N)
+    T* y = static_cast<T*>(p.out);  // (flat_total, N) in the input dtype
     const bool paired = (N % 2) == 0;
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
@@ -228,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) row_gemm_kernel(const
         const int f = s_flat[row];
         if (f < 0) continue;
         const float w = p.wts ? p.wts[f] : 1.f;
-        float* yrow = y + static_cast<int64_t>(f) * N;
+        T* yrow = y + static_cast<int64_t>(f) * N;
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
           const int n = n0 + pos.col(ni);
@@ -239,14 +241,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) row_gemm_kernel(const
             v0 += static_cast<float>(bias[n]);
             if (second) v1 += static_cast<float>(bias[n + 1]);
           }
-          v0 *= w;
-          v1 *= w;
-          if (second && paired) {
-            *reinterpret_cast<float2*>(yrow + n) = make_float2(v0, v1);
-          } else {
-            yrow[n] = v0;
-            if (second) yrow[n + 1] = v1;
-          }
+          store2(yrow + n, v0 * w, v1 * w, second, paired);
         }
       }
   } else {  // kEpiSwigluBwd: acc = g (columns i of I = N)
@@ -340,6 +335,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) vark_gemm_kernel(cons
     const int f = order[r];
     return (f >= 0 && f < flat_total) ? f / topk : -1;
   };
+  // The rows a thread copies for step kt+1 are looked up while step kt is issued, so that the
+  // read of order[] (a dependent global load) is in flight during a stage's MMAs instead of
+  // stalling the cp.async that needs it. P and Q tiles are both kBK x 128: the same tile rows.
+  static_assert(kBM == kBN, "P and Q tiles share their row mapping");
+  constexpr int kIt = load_tile_iters<T, kBM>(kBK);
+  int64_t prow[kIt], qrow[kIt];
+  auto fetch_rows = [&](int kt) {
+#pragma unroll
+    for (int it = 0; it < kIt; ++it) {
+      const int r = r0 + kt * kBK + tile_row<T, kBM>(it);
+      prow[it] = map_row(r, p_gather);
+      qrow[it] = map_row(r, q_gather);
+    }
+  };
+  fetch_rows(0);
 
   T* smem = reinterpret_cast<T*>(smem_raw);
   float acc[4][4][4];
@@ -351,14 +361,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) vark_gemm_kernel(cons
       for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.f;
 
   const int ktiles = (r1 - r0 + kBK - 1) / kBK;
+  // gemm_mainloop calls load with kt = 0, 1, 2, ... in turn.
   gemm_mainloop<T, false, false>(acc, smem, ktiles, [&](T* sa, T* sb, int kt) {
-    const int rb = r0 + kt * kBK;
     load_tile<T, kBK, kBM>(
-        sa, OpTile<T, false, kBM>::kLd, P, ldp,
-        [&](int i) -> int64_t { return map_row(rb + i, p_gather); }, m0, M, vec_p);
+        sa, OpTile<T, false, kBM>::kLd, P, ldp, [&](int, int it) { return prow[it]; }, m0, M,
+        vec_p);
     load_tile<T, kBK, kBN>(
-        sb, OpTile<T, false, kBN>::kLd, Q, ldq,
-        [&](int i) -> int64_t { return map_row(rb + i, q_gather); }, n0, N, vec_q);
+        sb, OpTile<T, false, kBN>::kLd, Q, ldq, [&](int, int it) { return qrow[it]; }, n0, N,
+        vec_q);
+    fetch_rows(kt + 1);
   });
 
   const AccPos pos;
@@ -459,14 +470,14 @@ __global__ void build_inv_kernel(const int32_t* __restrict__ order, int rows,
 
 // out[t, n] = sum over slots j (in order) of y[t*k + j, n], for the slots that were routed.
 template <typename T>
-__global__ void combine_kernel(const float* __restrict__ y, const int32_t* __restrict__ inv,
+__global__ void combine_kernel(const T* __restrict__ y, const int32_t* __restrict__ inv,
                                int topk, int N, T* __restrict__ out) {
   const int64_t t = blockIdx.x;
   for (int n = threadIdx.x; n < N; n += blockDim.x) {
     float s = 0.f;
     for (int j = 0; j < topk; ++j) {
       const int64_t f = t * topk + j;
-      if (inv[f] >= 0) s += y[f * N + n];
+      if (inv[f] >= 0) s += static_cast<float>(y[f * N + n]);
     }
     out[t * N + n] = T(s);
   }
@@ -649,7 +660,8 @@ void launch_combine(const at::Tensor& y, const at::Tensor& inv, int64_t topk, at
   const int64_t T_ = out.size(0), N = out.size(1);
   if (T_ == 0 || N == 0) return;
   combine_kernel<T><<<static_cast<unsigned>(T_), kThreads, 0, stream>>>(
-      y.data_ptr<float>(), inv.data_ptr<int32_t>(), static_cast<int>(topk), static_cast<int>(N),
+      static_cast<const T*>(y.data_ptr()), inv.data_ptr<int32_t>(), static_cast<int>(topk),
+      static_cast<int>(N),
       static_cast<T*>(out.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

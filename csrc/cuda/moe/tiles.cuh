@@ -109,9 +109,21 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
 // Copies a ROWS x COLS tile into shared memory (row-major, leading dimension lds) from a
 // row-major global matrix `src` with row stride `ld`: tile row i is global row src_row(i)
 // (negative: no such row, zero-filled) and tile column j is global column col0 + j
-// (zero-filled at or past col_end). vec: 16-byte cp.async, which the host allows only when
-// src is 16-byte aligned and ld, col_end (and col0) are multiples of kVec, so that a chunk is
-// either wholly inside or wholly outside the matrix. Otherwise: element-wise checked loads.
+// (zero-filled at or past col_end); src_row may also take (i, it), it being the thread's
+// iteration (tile_row gives its i), for rows fetched ahead. vec: 16-byte cp.async, which the
+// host allows only when src is 16-byte aligned and ld, col_end (and col0) are multiples of
+// kVec, so that a chunk is either wholly inside or wholly outside the matrix. Otherwise:
+// element-wise checked loads.
+template <typename T, int COLS>
+constexpr int load_tile_iters(int rows) {
+  return rows * (COLS / Cfg<T>::kVec) / kThreads;
+}
+// The tile row that this thread's iteration `it` of load_tile<T, ROWS, COLS> copies.
+template <typename T, int COLS>
+__device__ __forceinline__ int tile_row(int it) {
+  return (static_cast<int>(threadIdx.x) + it * kThreads) / (COLS / Cfg<T>::kVec);
+}
+
 template <typename T, int ROWS, int COLS, typename RowFn>
 __device__ __forceinline__ void load_tile(T* s, int lds, const T* src, int64_t ld,
                                           const RowFn& src_row, int col0, int col_end, bool vec) {
@@ -124,7 +136,11 @@ __device__ __forceinline__ void load_tile(T* s, int lds, const T* src, int64_t l
     const int c = static_cast<int>(threadIdx.x) + it * kThreads;
     const int i = c / kChunksPerRow;
     const int j = (c % kChunksPerRow) * V;
-    const int64_t row = src_row(i);
+    int64_t row;
+    if constexpr (std::is_invocable_v<RowFn, int, int>)
+      row = src_row(i, it);  // rows the caller fetched ahead, by this thread's iteration
+    else
+      row = src_row(i);
     const int col = col0 + j;
     T* dst = s + i * lds + j;
     if (vec) {
