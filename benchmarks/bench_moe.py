@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import ossrl
+from _floor import floor_seconds, rates
 from ossrl.ops import moe_experts, moe_route
 from _peers import transformers_available  # noqa: E402  (benchmarks/, beside this script)
 
@@ -107,6 +108,11 @@ def bench_case(T, H, I, E, k, dtype, device, repeat, peers):
 
     ref = impls["ossrl"](x, r, *params).float()
     flops = 6 * T * k * H * I  # two GEMMs of 2*R*H*(2I) and 2*R*I*H flops, R = T*k routed rows
+    # Bytes the forward must move at the least: x, both weights and biases, out, and h (saved for
+    # the backward); activations between the GEMMs could stay on chip in a perfect kernel.
+    R, size = T * k, x.element_size()
+    nbytes = size * (T * H + E * (3 * H * I + 2 * I + H) + T * H + R * 2 * I)
+    floor = floor_seconds(flops, nbytes, device, dtype)
     rows = []
     for name, fn in impls.items():
         if name not in ("ossrl", *peers):
@@ -121,7 +127,8 @@ def bench_case(T, H, I, E, k, dtype, device, repeat, peers):
             torch.autograd.grad((fn(xg, r, *leaves) * g).sum(), [xg, *leaves])
 
         fb = timeit(fwd_bwd, device, repeat)
-        rows.append(dict(impl=name, fwd_ms=fwd * 1e3, fwd_tflops=flops / fwd / 1e12, fwd_bwd_ms=fb * 1e3,
+        rows.append(dict(impl=name, fwd_ms=fwd * 1e3, fwd_tflops=flops / fwd / 1e12, fwd_floor_ms=floor * 1e3,
+                         fwd_over_floor=fwd / floor, fwd_bwd_ms=fb * 1e3,
                          fwd_bwd_tflops=3 * flops / fb / 1e12, max_rel_diff_vs_ossrl=err))
     ours = rows[0]
     for row in rows:
@@ -157,7 +164,7 @@ def main():
               f"({torch.get_num_threads()} threads) | {dtype} | H=I={hidden}, top-4")
     print(header)
     print(f"{'E':>4} {'T':>6} {'impl':<16} {'fwd ms':>9} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8}"
-          f" {'ours x fwd':>10} {'ours x f+b':>10} {'rel diff':>9}")
+          f" {'ours x fwd':>10} {'ours x f+b':>10} {'rel diff':>9} {'fwd/floor':>9}")
     results = []
     for E in experts:
         for T in tokens:
@@ -172,12 +179,16 @@ def main():
                 print(f"{E:>4} {T:>6} {row['impl']:<16} {row['fwd_ms']:>9.2f} {row['fwd_tflops']:>8.3f}"
                       f" {row['fwd_bwd_ms']:>11.2f} {row['fwd_bwd_tflops']:>8.3f}"
                       f" {row['fwd_speedup_of_ossrl']:>10.2f} {row['fwd_bwd_speedup_of_ossrl']:>10.2f}"
-                      f" {row['max_rel_diff_vs_ossrl']:>9.1e}")
+                      f" {row['max_rel_diff_vs_ossrl']:>9.1e} {row['fwd_over_floor']:>9.2f}")
             results.extend(rows)
-    print("ours x: peer time / ossrl time (> 1 means ossrl is faster).")
+    print("ours x: peer time / ossrl time (> 1 means ossrl is faster). fwd/floor: forward time over"
+          " max(flops / torch matmul rate, bytes / torch copy bandwidth), both measured here:")
+    matmul, copy = rates(a.device, dtype)
+    print(f"  torch matmul {matmul / 1e12:.2f} TFLOP/s, copy {copy / 1e9:.1f} GB/s ({dtype}).")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(header=header, rows=results), f, indent=1)
+            json.dump(dict(header=header, rows=results, torch_matmul_flops=matmul, torch_copy_bytes_per_s=copy),
+                      f, indent=1)
 
 
 if __name__ == "__main__":
