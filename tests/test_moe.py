@@ -400,11 +400,13 @@ def test_moe_experts_matches_transformers(dtype):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_moe_experts_on_vectorised_tiles_with_many_row_steps(dtype):
-    # H, I multiples of 8 take the 16-byte cp.async loads; ~150 rows per expert give the
-    # weight-gradient GEMMs several 32-row steps (their row lookups are fetched a step ahead);
-    # H > 128 gives two column tiles; the k slots are combined from a buffer of x's dtype.
-    T, H, I, E, k = 300, 136, 72, 4, 2
+@pytest.mark.parametrize("H, I", [(136, 72), (138, 70)])
+def test_cuda_moe_experts_on_asynchronous_tiles_with_many_row_steps(dtype, H, I):
+    # H, I multiples of 8 take the 16-byte cp.async loads, even ones the element-pair loads;
+    # ~150 rows per expert give the weight-gradient GEMMs several 32-row steps (their row
+    # lookups are fetched a step ahead); H > 128 gives two column tiles; the k slots are
+    # combined from a buffer of x's dtype.
+    T, E, k = 300, 4, 2
     x = torch.randn(T, H, device="cuda").to(dtype).requires_grad_()
     logits = torch.randn(T, E, device="cuda", requires_grad=True)
     params = expert_params(E, H, I, dtype, "cuda", requires_grad=True)

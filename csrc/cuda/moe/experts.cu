@@ -72,8 +72,8 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_cuda(
       p.K = static_cast<int>(H);
       p.sched = s.ptr();
       p.E = static_cast<int>(E);
-      p.vec_a = vec_ok<S>(p.a, {H});
-      p.vec_b = vec_ok<S>(p.b, {H * 2 * I, 2 * I});
+      p.vec_a = copy_width<S>(p.a, {H});
+      p.vec_b = copy_width<S>(p.b, {H * 2 * I, 2 * I});
       p.epi = kEpiSwiglu;
       p.bias = bgu.data_ptr();
       p.out = h.data_ptr();
@@ -101,8 +101,8 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_cuda(
       p.K = static_cast<int>(I);
       p.sched = s.ptr();
       p.E = static_cast<int>(E);
-      p.vec_a = vec_ok<S>(p.a, {I});
-      p.vec_b = vec_ok<S>(p.b, {I * H, H});
+      p.vec_a = copy_width<S>(p.a, {I});
+      p.vec_b = copy_width<S>(p.b, {I * H, H});
       p.epi = kEpiScatter;
       p.bias = bd.data_ptr();
       p.out = slots.data_ptr();
@@ -187,8 +187,8 @@ moe_experts_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
       p.K = static_cast<int>(H);
       p.sched = s.ptr();
       p.E = static_cast<int>(E);
-      p.vec_a = vec_ok<S>(p.a, {H});
-      p.vec_b = vec_ok<S>(p.b, {I * H, H});
+      p.vec_a = copy_width<S>(p.a, {H});
+      p.vec_b = copy_width<S>(p.b, {I * H, H});
       p.epi = kEpiSwigluBwd;
       p.out = dh.data_ptr();
       p.out2 = aw.data_ptr();
@@ -230,8 +230,8 @@ moe_experts_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
         p.K = static_cast<int>(2 * I);
         p.sched = s.ptr();
         p.E = static_cast<int>(E);
-        p.vec_a = vec_ok<S>(p.a, {2 * I});
-        p.vec_b = vec_ok<S>(p.b, {H * 2 * I, 2 * I});
+        p.vec_a = copy_width<S>(p.a, {2 * I});
+        p.vec_b = copy_width<S>(p.b, {H * 2 * I, 2 * I});
         p.epi = kEpiScatter;
         p.out = dslots.data_ptr();
         p.ldo = H;
@@ -256,8 +256,8 @@ moe_experts_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
     g.E = static_cast<int>(E);
     g.M = static_cast<int>(H);
     g.N = static_cast<int>(2 * I);
-    g.vec_p = vec_ok<S>(g.p, {H});
-    g.vec_q = vec_ok<S>(g.q, {2 * I});
+    g.vec_p = copy_width<S>(g.p, {H});
+    g.vec_q = copy_width<S>(g.q, {2 * I});
     g.out = dwgu.data_ptr();
     launch_vark_gemm<S>(g, stream);
     ColSum c{};
@@ -282,8 +282,8 @@ moe_experts_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
     d.E = static_cast<int>(E);
     d.M = static_cast<int>(I);
     d.N = static_cast<int>(H);
-    d.vec_p = vec_ok<S>(d.p, {I});
-    d.vec_q = vec_ok<S>(d.q, {H});
+    d.vec_p = copy_width<S>(d.p, {I});
+    d.vec_q = copy_width<S>(d.q, {H});
     d.out = dwd.data_ptr();
     launch_vark_gemm<S>(d, stream);
     ColSum cb{};

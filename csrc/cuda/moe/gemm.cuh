@@ -13,11 +13,14 @@
 //   and every index in it can be checked by reading. fp32 inputs run the same kernel with the
 //   same tiles and per-thread accumulator layout, but FMA instead of mma (no TF32 rounding:
 //   fp32 results match the CPU kernels to fp32 rounding).
-// * Shared-memory rows are padded by 16 bytes instead of swizzled: ldmatrix (8 rows of 16
-//   bytes) and cp.async stay conflict-free and the addressing stays plain row * ld + col.
-// * Every global load is bounds-checked per 16-byte chunk (cp.async with zero-fill) or, when a
-//   matrix is not 16-byte aligned / a multiple of 8 columns, per element (scalar fallback),
-//   so K, N and row counts need not be multiples of the tiles.
+// * Shared-memory rows are padded by 16 bytes instead of swizzled, so the addressing stays plain
+//   row * ld + col and ldmatrix (8 rows of 16 bytes) is conflict-free; the cp.async stores of
+//   the K-major 32-column tiles are 2-way bank-conflicted (80-byte rows: a phase of 8 chunks
+//   spans 160 bytes). A swizzle would clear both (benchmarks/NOTES.md); not yet done.
+// * Every global load is bounds-checked per 16-byte chunk (cp.async with zero-fill); a matrix
+//   that is not 16-byte aligned / a multiple of 8 columns is copied by element pairs (cp.async
+//   of 4 or 8 bytes) when its sizes are even, and per element otherwise (scalar fallback), so
+//   K, N and row counts need not be multiples of the tiles.
 // * Grouped (per-expert row ranges) GEMM without host synchronisation: the offsets stay on
 //   the device. A one-block kernel clamps them into [0, rows], makes them non-decreasing (max
 //   scan) and counts each expert's 128-row tiles (`sched`). The GEMM grid is sized from host
@@ -66,7 +69,7 @@ struct RowGemm {
   const int32_t* sched;
   int E;
   int mtiles, ntiles;      // grid = mtiles (bound on row tiles) x ntiles (column tiles)
-  int vec_a, vec_b;
+  int vec_a, vec_b;        // CopyWidth of A and B (copy_width)
   int epi;
   const void* bias;        // (E, N) contiguous, or null
   void* out;               // see Epi
@@ -146,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) row_gemm_kernel(const
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b) + static_cast<int64_t>(tr.e) * p.b_se;
   const int64_t lda = p.lda, b_ld = p.b_ld;
-  const bool vec_a = p.vec_a, vec_b = p.vec_b;
+  const int vec_a = p.vec_a, vec_b = p.vec_b;
   T* smem = reinterpret_cast<T*>(smem_raw);
   float acc[4][4][4];
 #pragma unroll
@@ -311,7 +314,7 @@ struct VarKGemm {
   int topk, flat_total;
   const int32_t* sched;
   int E, M, N, mtiles;
-  int vec_p, vec_q;
+  int vec_p, vec_q;  // CopyWidth of P and Q (copy_width)
   void* out;  // (E, M, N) contiguous
 };
 
@@ -326,7 +329,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) vark_gemm_kernel(cons
   const T* P = static_cast<const T*>(p.p);
   const T* Q = static_cast<const T*>(p.q);
   const int64_t ldp = p.ldp, ldq = p.ldq;
-  const bool p_gather = p.p_gather, q_gather = p.q_gather, vec_p = p.vec_p, vec_q = p.vec_q;
+  const bool p_gather = p.p_gather, q_gather = p.q_gather;
+  const int vec_p = p.vec_p, vec_q = p.vec_q;
   const int32_t* order = p.order;
   const int topk = p.topk, flat_total = p.flat_total;
   auto map_row = [&](int r, bool gather) -> int64_t {
@@ -532,13 +536,20 @@ void check_int_range(int64_t v, const char* op, const char* what) {
   OSSRL_CHECK(v <= INT_MAX, op, what, " (", v, ") exceeds the CUDA kernels' 32-bit index range");
 }
 
+// How load_tile may copy a matrix at ptr whose row strides and column counts are `multiples`
+// (elements): 16-byte chunks, element pairs, or single elements.
 template <typename T>
-bool vec_ok(const void* ptr, std::initializer_list<int64_t> multiples) {
+int copy_width(const void* ptr, std::initializer_list<int64_t> multiples) {
   constexpr int V = Cfg<T>::kVec;
-  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  for (int64_t m : multiples)
-    if (m % V != 0) return false;
-  return true;
+  const auto all_multiples_of = [&](int64_t q) {
+    for (int64_t m : multiples)
+      if (m % q != 0) return false;
+    return true;
+  };
+  const auto address = reinterpret_cast<uintptr_t>(ptr);
+  if (address % 16 == 0 && all_multiples_of(V)) return kCopy16;
+  if (address % (2 * sizeof(T)) == 0 && all_multiples_of(2)) return kCopyPair;
+  return kCopyElem;
 }
 
 // The expert schedule of `offsets` over `rows` rows, and the number of scheduling tiles the

@@ -46,8 +46,8 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at:
     p.K = static_cast<int>(K);
     p.sched = s.ptr();
     p.E = static_cast<int>(E);
-    p.vec_a = vec_ok<S>(p.a, {K});
-    p.vec_b = kmaj ? vec_ok<S>(p.b, {K * N, K}) : vec_ok<S>(p.b, {K * N, N});
+    p.vec_a = copy_width<S>(p.a, {K});
+    p.vec_b = kmaj ? copy_width<S>(p.b, {K * N, K}) : copy_width<S>(p.b, {K * N, N});
     p.epi = kEpiStore;
     p.bias = bc.defined() ? bc.data_ptr() : nullptr;
     p.out = out.data_ptr();
@@ -98,8 +98,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_dw_cuda(const at::Tensor& x, con
     p.E = static_cast<int>(E);
     p.M = static_cast<int>(K);
     p.N = static_cast<int>(N);
-    p.vec_p = vec_ok<S>(p.p, {K});
-    p.vec_q = vec_ok<S>(p.q, {N});
+    p.vec_p = copy_width<S>(p.p, {K});
+    p.vec_q = copy_width<S>(p.q, {N});
     p.out = dw.data_ptr();
     launch_vark_gemm<S>(p, stream);
     if (bias_grad) {

@@ -62,6 +62,16 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pr
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes)
                : "memory");
 }
+// BYTES (4 or 8) bytes, through L1: the pair path of load_tile (cp.async.cg takes only 16).
+template <int BYTES>
+__device__ __forceinline__ void cp_async_small(void* smem, const void* gmem, bool pred) {
+  static_assert(BYTES == 4 || BYTES == 8, "cp.async.ca copies 4, 8 or 16 bytes");
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = pred ? BYTES : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(gmem), "n"(BYTES),
+               "r"(bytes)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -110,10 +120,14 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
 // row-major global matrix `src` with row stride `ld`: tile row i is global row src_row(i)
 // (negative: no such row, zero-filled) and tile column j is global column col0 + j
 // (zero-filled at or past col_end); src_row may also take (i, it), it being the thread's
-// iteration (tile_row gives its i), for rows fetched ahead. vec: 16-byte cp.async, which the
-// host allows only when src is 16-byte aligned and ld, col_end (and col0) are multiples of
-// kVec, so that a chunk is either wholly inside or wholly outside the matrix. Otherwise:
-// element-wise checked loads.
+// iteration (tile_row gives its i), for rows fetched ahead. width (copy_width on the host):
+// kCopy16, 16-byte cp.async, when src is 16-byte aligned and ld, col_end (and col0) are
+// multiples of kVec, so that a chunk is wholly inside or wholly outside the matrix; kCopyPair,
+// cp.async of element pairs, when the same holds for pairs (even sizes, a pair-aligned src), so
+// that shapes that are not multiples of 8 stay asynchronous; kCopyElem: element-wise checked
+// loads (odd sizes).
+enum CopyWidth : int { kCopyElem = 0, kCopyPair = 1, kCopy16 = 2 };
+
 template <typename T, int COLS>
 constexpr int load_tile_iters(int rows) {
   return rows * (COLS / Cfg<T>::kVec) / kThreads;
@@ -126,7 +140,7 @@ __device__ __forceinline__ int tile_row(int it) {
 
 template <typename T, int ROWS, int COLS, typename RowFn>
 __device__ __forceinline__ void load_tile(T* s, int lds, const T* src, int64_t ld,
-                                          const RowFn& src_row, int col0, int col_end, bool vec) {
+                                          const RowFn& src_row, int col0, int col_end, int width) {
   constexpr int V = Cfg<T>::kVec;
   constexpr int kChunksPerRow = COLS / V;
   static_assert(COLS % V == 0 && (ROWS * kChunksPerRow) % kThreads == 0, "tile shape");
@@ -143,9 +157,15 @@ __device__ __forceinline__ void load_tile(T* s, int lds, const T* src, int64_t l
       row = src_row(i);
     const int col = col0 + j;
     T* dst = s + i * lds + j;
-    if (vec) {
+    if (width == kCopy16) {
       const bool ok = row >= 0 && col < col_end;
       cp_async16(dst, ok ? src + row * ld + col : src, ok);
+    } else if (width == kCopyPair) {
+#pragma unroll
+      for (int q = 0; q < V; q += 2) {
+        const bool ok = row >= 0 && col + q < col_end;  // col + q and col_end even: both or neither
+        cp_async_small<2 * sizeof(T)>(dst + q, ok ? src + row * ld + col + q : src, ok);
+      }
     } else {
 #pragma unroll
       for (int q = 0; q < V; ++q)
