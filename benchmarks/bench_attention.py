@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 import ossrl
 from ossrl.ops import paged_attention, paged_kv_append, varlen_attention
-from _peers import transformers_available  # noqa: E402  (benchmarks/, beside this script)
+from _floor import floor_seconds  # noqa: E402  (benchmarks/, beside this script)
+from _peers import transformers_available  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -296,6 +297,9 @@ def run_packed(args, device, dtype, total, window, records):
     grad = torch.randn(q.shape, generator=g).to(device, dtype)
     pairs = visible_pairs(lens, lens, window)
     fwd_flop = 4 * args.head_dim * args.heads * pairs
+    # The forward's least traffic: q, k and v read once, out written once.
+    fwd_bytes = q.element_size() * (2 * q.numel() + k.numel() + v.numel())
+    fwd_floor_ms = floor_seconds(fwd_flop, fwd_bytes, device.type, dtype) * 1e3
     mask_name = f"window {window}" if window else "causal"
     print(f"\n== {total} tokens in {len(lens)} sequences (longest {max(lens)}), {mask_name}, "
           f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}")
@@ -319,6 +323,7 @@ def run_packed(args, device, dtype, total, window, records):
                         row["max_abs_diff"] = (out.float() - ours_out.float()).abs().max().item()
                     row["fwd_ms"] = time_ms(lambda: f(q, k, v, s), device, args.warmup, args.repeat)
                 row["fwd_tflops"] = fwd_flop / row["fwd_ms"] / 1e9
+                row["fwd_over_floor"] = row["fwd_ms"] / fwd_floor_ms
                 if not args.no_backward:
                     try:
                         ctx.backward = True
@@ -363,16 +368,18 @@ def fmt(x, spec):
 def print_table(rows, with_sinks):
     print(f"-- sinks: {'yes' if with_sinks else 'no'}")
     head = (f"{'peer':<18} {'sinks':<24} {'fwd ms':>9} {'TFLOP/s':>8} {'x ossrl':>8} "
-            f"{'f+b ms':>9} {'TFLOP/s':>8} {'x ossrl':>8} {'max|diff|':>9}  note")
+            f"{'f+b ms':>9} {'TFLOP/s':>8} {'x ossrl':>8} {'max|diff|':>9} {'fwd/floor':>9}  note")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['peer']:<18} {r.get('sinks_how', '-'):<24} {fmt(r.get('fwd_ms'), '9.2f')} "
               f"{fmt(r.get('fwd_tflops'), '8.3g')} {fmt(r.get('fwd_speedup_of_ossrl'), '8.2f')} "
               f"{fmt(r.get('fwdbwd_ms'), '9.2f')} {fmt(r.get('fwdbwd_tflops'), '8.3g')} "
-              f"{fmt(r.get('fwdbwd_speedup_of_ossrl'), '8.2f')} {fmt(r.get('max_abs_diff'), '9.2e')}  "
+              f"{fmt(r.get('fwdbwd_speedup_of_ossrl'), '8.2f')} {fmt(r.get('max_abs_diff'), '9.2e')} "
+              f"{fmt(r.get('fwd_over_floor'), '9.2f')}  "
               f"{r.get('note', r.get('fwdbwd_note', ''))}")
-    print("(x ossrl: the peer's time over ossrl's; above 1 means ossrl is faster)")
+    print("(x ossrl: the peer's time over ossrl's; above 1 means ossrl is faster. fwd/floor: the forward's time over"
+          " max(flops / torch matmul rate, bytes / torch copy bandwidth), both measured here: benchmarks/_floor.py)")
 
 
 # ---- decode -------------------------------------------------------------------------------------
