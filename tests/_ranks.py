@@ -1,8 +1,10 @@
 """Running a test body on several gloo processes: each rank reports "ok" or its error.
 
-A rank that dies by a signal without reporting (an abort inside gloo's TCP transport has been
-seen once in hundreds of CI runs, with no error of ours on either rank) makes the whole run start
-again once, after ``reset``; the test still fails if the second run fails, or if a rank reports a
+A rank that dies by a signal without reporting makes the whole run start again once, after
+``reset``. Two such aborts have been seen in CI, each once in hundreds of runs, with no error of
+ours on either rank: one inside gloo's TCP transport ("Connection reset by peer"), and one
+"terminate called without an active exception" (a C++ thread destroyed while still joinable)
+just after a reshard test's last collective. In both cases the run is started again; the test still fails if the second run fails, or if a rank reports a
 Python error. Each rank's stderr goes to a file whose end is shown with any failure, so a crash
 in C++ says what it was.
 """

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import ossrl
 from ossrl import reshard as R
 from ossrl.ops import multi_tensor_copy_
+
+from _ranks import run_ranks
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -437,167 +434,144 @@ def _check_replicated(full, dsts, tag):
         assert torch.equal(dsts[n], e), f"{tag}: {n}"
 
 
-def _worker(rank: int, world: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int) -> None:  # in a gloo group of run_ranks
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (world,))
+    full = _full_params(seed=11)
+    src = {n: (t if n == "bias" else distribute_tensor(t.clone(), mesh, [Shard(0)])) for n, t in full.items()}
+    srcfull = {n: (t.full_tensor() if n != "bias" else t) for n, t in src.items()}
+    for n in full:
+        assert torch.equal(srcfull[n], full[n])
+
+    # 1. replicated destinations, every layout kind
+    dsts = {
+        "qkv": torch.empty(39, 16, dtype=torch.bfloat16),
+        "gate_up": torch.empty(3, 16, 16, dtype=torch.bfloat16),
+        "down_t": torch.empty(3, 16, 8, dtype=torch.bfloat16),
+        "norm": torch.empty(16),
+        "emb": torch.empty(97, 40, dtype=torch.bfloat16),
+        "bias": torch.empty(5, dtype=torch.bfloat16),
+    }
+    maps = [
+        R.concat("qkv", ["q", "k", "v"], 0),
+        R.interleave("gate_up", ["gate", "up"], -1),
+        R.transpose("down_t", "down"),
+        R.identity("norm", "norm"),
+        R.identity("emb", "emb"),
+        R.cast("bias", "bias"),
+    ]
+    ptrs = {n: t.data_ptr() for n, t in dsts.items()}
+    plan = R.build_plan(maps, src, dsts, bucket_bytes=BUCKET, strict=False)
+    assert plan.distributed and plan.num_buckets > 2
+    for step in range(2):
+        stats = plan.sync()
+        _check_replicated({n: src[n].full_tensor() if n != "bias" else src[n] for n in full}, dsts, f"step {step}")
+        assert {n: t.data_ptr() for n, t in dsts.items()} == ptrs
+        assert 0 < stats.peak_extra_bytes <= 2 * BUCKET, stats
+        assert stats.peak_extra_bytes == plan.peak_extra_bytes
+        assert stats.collectives == stats.buckets == plan.num_buckets
+        assert stats.bytes_moved == sum(t.numel() * t.element_size() for t in dsts.values())
+        with torch.no_grad():  # an optimizer step on the shards
+            for t in src.values():
+                (t.to_local() if hasattr(t, "to_local") else t).mul_(0.5).add_(0.25)
+
+    # 2. tensor-parallel destinations (rank r of world): column and row slices, fused per rank
+    tp = R.TensorParallel(0, rank, world)
+    tdsts = {
+        "o_col": torch.empty(16 // world, 24, dtype=torch.bfloat16),
+        "o_row": torch.empty(16, 24 // world, dtype=torch.bfloat16),
+        "kv": torch.empty(16 // world, 16, dtype=torch.bfloat16),
+        "gate_up": torch.empty(3, 16, 16 // world, dtype=torch.bfloat16),
+        "down_t": torch.empty(3, 16, 8, dtype=torch.bfloat16),
+    }
+    tmaps = [
+        R.tp_slice("o_col", "o", 0, rank, world),
+        R.tp_slice("o_row", "o", 1, rank, world),
+        R.concat("kv", ["k", "v"], 0, tp=tp),
+        R.interleave("gate_up", ["gate", "up"], -1, tp=R.TensorParallel(-1, rank, world)),
+        R.transpose("down_t", "down"),
+    ]
+    tptrs = {n: t.data_ptr() for n, t in tdsts.items()}
+    tplan = R.build_plan(tmaps, src, tdsts, bucket_bytes=BUCKET, strict=False)
+    stats = tplan.sync()
+    assert stats.peak_extra_bytes <= 2 * BUCKET
+    o = src["o"]
+    assert torch.equal(tdsts["o_col"], o.redistribute(mesh, [Shard(0)]).to_local().bfloat16())
+    assert torch.equal(tdsts["o_row"], o.redistribute(mesh, [Shard(1)]).to_local().bfloat16())
+    kv = torch.cat([src[n].full_tensor().chunk(world, 0)[rank] for n in ("k", "v")]).bfloat16()
+    assert torch.equal(tdsts["kv"], kv)
+    g = src["gate"].redistribute(mesh, [Shard(2)]).to_local()
+    u = src["up"].redistribute(mesh, [Shard(2)]).to_local()
+    assert torch.equal(tdsts["gate_up"], torch.stack([g, u], -1).reshape(3, 16, -1).bfloat16())
+    assert torch.equal(tdsts["down_t"], src["down"].full_tensor().transpose(1, 2).bfloat16())
+    assert {n: t.data_ptr() for n, t in tdsts.items()} == tptrs
+
+    # 3. bad input on one rank only: every rank raises, nothing written
+    bad = dict(dsts)
+    if rank == world - 1:
+        bad["qkv"] = torch.empty(38, 16, dtype=torch.bfloat16)
+    before = {n: _sentinel(t) for n, t in bad.items()}
     try:
-        mesh = init_device_mesh("cpu", (world,))
-        full = _full_params(seed=11)
-        src = {n: (t if n == "bias" else distribute_tensor(t.clone(), mesh, [Shard(0)])) for n, t in full.items()}
-        srcfull = {n: (t.full_tensor() if n != "bias" else t) for n, t in src.items()}
-        for n in full:
-            assert torch.equal(srcfull[n], full[n])
+        R.build_plan(maps, src, bad, bucket_bytes=BUCKET, strict=False)
+    except RuntimeError as e:
+        assert ("does not fit" in str(e)) if rank == world - 1 else (f"rank {world - 1} failed" in str(e)), e
+    else:
+        raise AssertionError("no error")
+    for n, ref in before.items():
+        assert torch.equal(bad[n], ref), n
+    # bucket sizes that differ across ranks: every rank raises instead of hanging
+    try:
+        R.build_plan(maps, src, dsts, bucket_bytes=BUCKET + 1024 * rank, strict=False)
+    except RuntimeError as e:
+        assert "different plans" in str(e), e
+    else:
+        raise AssertionError("no error")
+    # a bucket too small for one row of a parameter
+    try:
+        R.build_plan(maps, src, dsts, bucket_bytes=64, strict=False)
+    except ValueError as e:
+        assert "too small" in str(e), e
+    else:
+        raise AssertionError("no error")
 
-        # 1. replicated destinations, every layout kind
-        dsts = {
-            "qkv": torch.empty(39, 16, dtype=torch.bfloat16),
-            "gate_up": torch.empty(3, 16, 16, dtype=torch.bfloat16),
-            "down_t": torch.empty(3, 16, 8, dtype=torch.bfloat16),
-            "norm": torch.empty(16),
-            "emb": torch.empty(97, 40, dtype=torch.bfloat16),
-            "bias": torch.empty(5, dtype=torch.bfloat16),
+    # 4. FSDP2 (fully_shard) training module -> rollout module, after an optimizer step
+    if world == 2:
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Linear(10, 6))
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(torch.randn(4, 12)).square().sum().backward()
+        opt.step()
+        roll = {
+            "w0t": torch.empty(12, 10, dtype=torch.bfloat16),
+            "b0": torch.empty(10, dtype=torch.bfloat16),
+            "w1": torch.empty(6 // world, 10, dtype=torch.bfloat16),
+            "b1": torch.empty(6),
         }
-        maps = [
-            R.concat("qkv", ["q", "k", "v"], 0),
-            R.interleave("gate_up", ["gate", "up"], -1),
-            R.transpose("down_t", "down"),
-            R.identity("norm", "norm"),
-            R.identity("emb", "emb"),
-            R.cast("bias", "bias"),
+        fmaps = [
+            R.transpose("w0t", "0.weight", 0, 1),
+            R.cast("b0", "0.bias"),
+            R.tp_slice("w1", "1.weight", 0, rank, world),
+            R.identity("b1", "1.bias"),
         ]
-        ptrs = {n: t.data_ptr() for n, t in dsts.items()}
-        plan = R.build_plan(maps, src, dsts, bucket_bytes=BUCKET, strict=False)
-        assert plan.distributed and plan.num_buckets > 2
-        for step in range(2):
-            stats = plan.sync()
-            _check_replicated({n: src[n].full_tensor() if n != "bias" else src[n] for n in full}, dsts, f"step {step}")
-            assert {n: t.data_ptr() for n, t in dsts.items()} == ptrs
-            assert 0 < stats.peak_extra_bytes <= 2 * BUCKET, stats
-            assert stats.peak_extra_bytes == plan.peak_extra_bytes
-            assert stats.collectives == stats.buckets == plan.num_buckets
-            assert stats.bytes_moved == sum(t.numel() * t.element_size() for t in dsts.values())
-            with torch.no_grad():  # an optimizer step on the shards
-                for t in src.values():
-                    (t.to_local() if hasattr(t, "to_local") else t).mul_(0.5).add_(0.25)
-
-        # 2. tensor-parallel destinations (rank r of world): column and row slices, fused per rank
-        tp = R.TensorParallel(0, rank, world)
-        tdsts = {
-            "o_col": torch.empty(16 // world, 24, dtype=torch.bfloat16),
-            "o_row": torch.empty(16, 24 // world, dtype=torch.bfloat16),
-            "kv": torch.empty(16 // world, 16, dtype=torch.bfloat16),
-            "gate_up": torch.empty(3, 16, 16 // world, dtype=torch.bfloat16),
-            "down_t": torch.empty(3, 16, 8, dtype=torch.bfloat16),
-        }
-        tmaps = [
-            R.tp_slice("o_col", "o", 0, rank, world),
-            R.tp_slice("o_row", "o", 1, rank, world),
-            R.concat("kv", ["k", "v"], 0, tp=tp),
-            R.interleave("gate_up", ["gate", "up"], -1, tp=R.TensorParallel(-1, rank, world)),
-            R.transpose("down_t", "down"),
-        ]
-        tptrs = {n: t.data_ptr() for n, t in tdsts.items()}
-        tplan = R.build_plan(tmaps, src, tdsts, bucket_bytes=BUCKET, strict=False)
-        stats = tplan.sync()
-        assert stats.peak_extra_bytes <= 2 * BUCKET
-        o = src["o"]
-        assert torch.equal(tdsts["o_col"], o.redistribute(mesh, [Shard(0)]).to_local().bfloat16())
-        assert torch.equal(tdsts["o_row"], o.redistribute(mesh, [Shard(1)]).to_local().bfloat16())
-        kv = torch.cat([src[n].full_tensor().chunk(world, 0)[rank] for n in ("k", "v")]).bfloat16()
-        assert torch.equal(tdsts["kv"], kv)
-        g = src["gate"].redistribute(mesh, [Shard(2)]).to_local()
-        u = src["up"].redistribute(mesh, [Shard(2)]).to_local()
-        assert torch.equal(tdsts["gate_up"], torch.stack([g, u], -1).reshape(3, 16, -1).bfloat16())
-        assert torch.equal(tdsts["down_t"], src["down"].full_tensor().transpose(1, 2).bfloat16())
-        assert {n: t.data_ptr() for n, t in tdsts.items()} == tptrs
-
-        # 3. bad input on one rank only: every rank raises, nothing written
-        bad = dict(dsts)
-        if rank == world - 1:
-            bad["qkv"] = torch.empty(38, 16, dtype=torch.bfloat16)
-        before = {n: _sentinel(t) for n, t in bad.items()}
-        try:
-            R.build_plan(maps, src, bad, bucket_bytes=BUCKET, strict=False)
-        except RuntimeError as e:
-            assert ("does not fit" in str(e)) if rank == world - 1 else (f"rank {world - 1} failed" in str(e)), e
-        else:
-            raise AssertionError("no error")
-        for n, ref in before.items():
-            assert torch.equal(bad[n], ref), n
-        # bucket sizes that differ across ranks: every rank raises instead of hanging
-        try:
-            R.build_plan(maps, src, dsts, bucket_bytes=BUCKET + 1024 * rank, strict=False)
-        except RuntimeError as e:
-            assert "different plans" in str(e), e
-        else:
-            raise AssertionError("no error")
-        # a bucket too small for one row of a parameter
-        try:
-            R.build_plan(maps, src, dsts, bucket_bytes=64, strict=False)
-        except ValueError as e:
-            assert "too small" in str(e), e
-        else:
-            raise AssertionError("no error")
-
-        # 4. FSDP2 (fully_shard) training module -> rollout module, after an optimizer step
-        if world == 2:
-            from torch.distributed.fsdp import fully_shard
-
-            torch.manual_seed(0)
-            model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Linear(10, 6))
-            fully_shard(model, mesh=mesh)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            model(torch.randn(4, 12)).square().sum().backward()
-            opt.step()
-            roll = {
-                "w0t": torch.empty(12, 10, dtype=torch.bfloat16),
-                "b0": torch.empty(10, dtype=torch.bfloat16),
-                "w1": torch.empty(6 // world, 10, dtype=torch.bfloat16),
-                "b1": torch.empty(6),
-            }
-            fmaps = [
-                R.transpose("w0t", "0.weight", 0, 1),
-                R.cast("b0", "0.bias"),
-                R.tp_slice("w1", "1.weight", 0, rank, world),
-                R.identity("b1", "1.bias"),
-            ]
-            fplan = R.build_plan(fmaps, model, roll, bucket_bytes=256)
-            fplan.sync()
-            sd = {n: p.full_tensor() for n, p in model.named_parameters()}
-            assert torch.equal(roll["w0t"], sd["0.weight"].t().bfloat16())
-            assert torch.equal(roll["b0"], sd["0.bias"].bfloat16())
-            assert torch.equal(roll["w1"], sd["1.weight"].chunk(world, 0)[rank].bfloat16())
-            assert torch.equal(roll["b1"], sd["1.bias"])
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        fplan = R.build_plan(fmaps, model, roll, bucket_bytes=256)
+        fplan.sync()
+        sd = {n: p.full_tensor() for n, p in model.named_parameters()}
+        assert torch.equal(roll["w0t"], sd["0.weight"].t().bfloat16())
+        assert torch.equal(roll["b0"], sd["0.bias"].bfloat16())
+        assert torch.equal(roll["w1"], sd["1.weight"].chunk(world, 0)[rank].bfloat16())
+        assert torch.equal(roll["b1"], sd["1.bias"])
+    dist.barrier()
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_distributed_gloo(world):
-    ctx = mp.start_processes(_worker, args=(world, _free_port()), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + 150
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world} gloo workers did not finish in time (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    run_ranks(_worker, world, timeout=150)  # a hang fails the test instead of blocking it
 
 
 # ---------------------------------------------------------------------------------------------
