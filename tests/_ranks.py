@@ -4,9 +4,9 @@ A rank that dies by a signal without reporting makes the whole run start again o
 ``reset``. Two such aborts have been seen in CI, each once in hundreds of runs, with no error of
 ours on either rank: one inside gloo's TCP transport ("Connection reset by peer"), and one
 "terminate called without an active exception" (a C++ thread destroyed while still joinable)
-just after a reshard test's last collective. In both cases the run is started again; the test still fails if the second run fails, or if a rank reports a
-Python error. Each rank's stderr goes to a file whose end is shown with any failure, so a crash
-in C++ says what it was.
+just after a reshard test's last collective. The test still fails if the second run fails, or
+if a rank reports a Python error. Each rank's stderr goes to a file whose end is shown with any
+failure, so a crash in C++ says what it was.
 """
 
 from __future__ import annotations
