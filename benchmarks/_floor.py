@@ -4,13 +4,16 @@ with torch's own matmul and copy on the same device and dtype, so "time over flo
 a kernel is from what this machine's libraries reach, not from a datasheet."""
 
 import functools
+import statistics
 import time
 
 import torch
 
 
-def _median_seconds(fn, device, repeat=10):
-    fn()
+def median_seconds(fn, device, repeat=10, warmup=1):
+    """The median wall time of fn() over `repeat` calls, synchronising the GPU around each."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeat):
         if device == "cuda":
@@ -20,7 +23,7 @@ def _median_seconds(fn, device, repeat=10):
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,10 +32,10 @@ def rates(device: str, dtype: torch.dtype):
     n = 8192 if device == "cuda" else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    flops = 2 * n**3 / _median_seconds(lambda: a @ b, device)
+    flops = 2 * n**3 / median_seconds(lambda: a @ b, device)
     src = torch.empty(1 << (28 if device == "cuda" else 25), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() / _median_seconds(lambda: dst.copy_(src), device)  # read + write
+    bandwidth = 2 * src.numel() / median_seconds(lambda: dst.copy_(src), device)  # read + write
     return flops, bandwidth
 
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import ossrl
-from _floor import floor_seconds, rates
+from _floor import floor_seconds, median_seconds, rates
 from ossrl.ops import moe_experts, moe_route
 from _peers import transformers_available  # noqa: E402  (benchmarks/, beside this script)
 
@@ -75,21 +73,6 @@ def make_transformers(H, I, E, device):
     return run
 
 
-def timeit(fn, device, repeat, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench_case(T, H, I, E, k, dtype, device, repeat, peers):
     x = torch.randn(T, H, dtype=dtype, device=device)
     logits = torch.randn(T, E, device=device)
@@ -119,14 +102,14 @@ def bench_case(T, H, I, E, k, dtype, device, repeat, peers):
             continue
         out = fn(x, r, *params).float()
         err = (out - ref).abs().max().item() / (ref.abs().max().item() + 1e-9)
-        fwd = timeit(lambda: fn(x, r, *params), device, repeat)
+        fwd = median_seconds(lambda: fn(x, r, *params), device, repeat)
         leaves = [p.detach().requires_grad_() for p in params]
         xg = x.detach().requires_grad_()
 
         def fwd_bwd():
             torch.autograd.grad((fn(xg, r, *leaves) * g).sum(), [xg, *leaves])
 
-        fb = timeit(fwd_bwd, device, repeat)
+        fb = median_seconds(fwd_bwd, device, repeat)
         rows.append(dict(impl=name, fwd_ms=fwd * 1e3, fwd_tflops=flops / fwd / 1e12, fwd_floor_ms=floor * 1e3,
                          fwd_over_floor=fwd / floor, fwd_bwd_ms=fb * 1e3,
                          fwd_bwd_tflops=3 * flops / fb / 1e12, max_rel_diff_vs_ossrl=err))
