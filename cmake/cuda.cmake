@@ -33,6 +33,7 @@ set(CMAKE_CUDA_ARCHITECTURES ${OSSRL_CUDA_ARCHS})
 enable_language(CUDA)
 find_package(CUDAToolkit REQUIRED)
 set(OSSRL_WITH_CUDA ON)
+set(OSSRL_CUTLASS_FOUND OFF)
 
 # torch's CUDA headers include cuBLAS/cuSPARSE headers; pip's CUDA builds of torch ship them
 # under site-packages/nvidia/cu*/include, which the toolkit may lack.
@@ -61,6 +62,7 @@ if(DEFINED ENV{CUTLASS_INCLUDE_DIR})
 endif()
 if(OSSRL_CUTLASS_INCLUDE AND EXISTS "${OSSRL_CUTLASS_INCLUDE}/cute/tensor.hpp")
   list(APPEND OSSRL_CUDA_INCLUDE_DIRS ${OSSRL_CUTLASS_INCLUDE})
+  set(OSSRL_CUTLASS_FOUND ON)
   message(STATUS "ossrl: CUTLASS/CuTe headers from ${OSSRL_CUTLASS_INCLUDE}")
 endif()
 

@@ -35,17 +35,17 @@ if [[ " $STAGES " == *" test "* ]]; then
 fi
 
 if [[ " $STAGES " == *" sanitize "* ]]; then
-  for t in test_moe test_attention test_reshard; do
+  for t in test_moe test_moe_sm90 test_attention test_reshard; do
     for tool in memcheck $([ $t = test_attention ] && echo racecheck synccheck); do
       timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest ../tests/$t.py -q -x \
-        -p no:cacheprovider -k cuda >>"$OUT/sanitizer.log" 2>&1
+        -p no:cacheprovider -k "cuda or cutlass" >>"$OUT/sanitizer.log" 2>&1
       log "compute-sanitizer $tool $t: exit $?"
     done
   done
 fi
 
 if [[ " $STAGES " == *" bench "* ]]; then
-  for b in moe attention reshard rollout loop stragglers memory mismatch serve; do
+  for b in grouped_gemm moe attention reshard rollout loop stragglers memory mismatch serve; do
     [ -f ../benchmarks/bench_$b.py ] || continue
     extra=(); [ $b = memory ] && extra=(--model small)  # tiny's activations are too small to tell modes apart
     log "bench_$b"

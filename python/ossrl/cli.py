@@ -19,6 +19,9 @@ def info() -> str:
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"CUDA kernels compiled: {'yes' if _C.with_cuda else 'no'}"
         + (f" (architectures: {_C.cuda_archs})" if _C.with_cuda else ""),
+        "CUTLASS sm90 grouped GEMMs: "
+        + ("built (OSSRL_MOE_GEMM=cutlass selects them; the default is mma)" if _C.with_sm90_gemm
+           else "not built"),
         f"CUDA device available: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}",
         "ops (torch.ops.ossrl):",
     ]

@@ -1,8 +1,53 @@
 // CUDA grouped GEMM over per-expert row ranges (offsets on the device, no host synchronisation)
-// and its variable-K weight gradient; the kernels are in moe/gemm.cuh.
+// and its variable-K weight gradient; the kernels are in moe/gemm.cuh, and the CUTLASS sm90 ones
+// that OSSRL_MOE_GEMM=cutlass selects in moe/grouped_gemm_sm90.cu.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
 #include "gemm.cuh"
+#include "grouped_gemm_sm90.h"
 
 namespace ossrl::moe_cuda {
+
+namespace {
+
+std::atomic<int64_t> sm90_calls{0};
+
+// OSSRL_MOE_GEMM, read at each call: unset or "mma" keeps the mma.sync kernels (the default until
+// a GPU run shows the CUTLASS ones correct and faster: benchmarks/NOTES.md); "cutlass" uses the
+// CUTLASS sm90 kernels wherever they apply (sm_90 GPU, bf16/fp16, TMA alignment) and the
+// mma.sync ones elsewhere.
+// A value this build cannot honour is an error, never a silent fallback.
+bool cutlass_selected(const char* op) {
+  const char* v = std::getenv("OSSRL_MOE_GEMM");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "mma") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "cutlass") == 0, "ossrl.", op,
+              ": OSSRL_MOE_GEMM must be 'mma' (the default) or 'cutlass', not '", v, "'");
+#ifndef OSSRL_WITH_SM90_GEMM
+  TORCH_CHECK(false, "ossrl.", op,
+              ": OSSRL_MOE_GEMM=cutlass, but this build has no CUTLASS sm90 kernels (they are built "
+              "when OSSRL_CUDA_ARCHS includes 90a and the nvidia-cutlass headers are found: "
+              "third_party/README.md)");
+#endif
+  return true;
+}
+
+// The TMA's rules: 16-byte aligned bases and leading dimensions, 16-bit types; wgmma: sm_90.
+bool sm90_applies(const at::Tensor& x, std::initializer_list<int64_t> dims,
+                  std::initializer_list<const void*> ptrs) {
+  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) return false;
+  if (at::cuda::getDeviceProperties(x.get_device())->major != 9) return false;
+  for (const int64_t d : dims)
+    if (d % 8 != 0) return false;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+}  // namespace
+
+int64_t sm90_gemm_calls() { return sm90_calls.load(std::memory_order_relaxed); }
 
 // ---------------------------------------------------------------------------------------------
 // grouped_gemm / grouped_gemm_dw
@@ -33,6 +78,14 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at:
   const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
   const Sched s = make_sched(off, E, T, stream, op);
 
+  if (cutlass_selected(op) &&
+      sm90_applies(x, {K, N}, {xc.data_ptr(), wc.data_ptr(), bc.defined() ? bc.data_ptr() : nullptr})) {
+    sm90::grouped_gemm(xc, wc, kmaj, bc, s.ptr(), out, stream);
+    sm90_calls.fetch_add(1, std::memory_order_relaxed);
+    dispatch_float(x.scalar_type(), op,
+                   [&](auto tag) { launch_zero_tail<decltype(tag)>(out, s, E, stream); });
+    return out;
+  }
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using S = decltype(tag);
     RowGemm p{};
@@ -87,21 +140,29 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_dw_cuda(const at::Tensor& x, con
   const at::Tensor xc = x.contiguous(), dyc = dy.contiguous(), off = offsets.contiguous();
   const Sched s = make_sched(off, E, T, stream, op);
 
+  const bool cutlass =
+      cutlass_selected(op) && sm90_applies(x, {K, N}, {xc.data_ptr(), dyc.data_ptr()});
+  if (cutlass) {
+    sm90::grouped_gemm_dw(xc, dyc, s.ptr(), dw, stream);
+    sm90_calls.fetch_add(1, std::memory_order_relaxed);
+  }
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using S = decltype(tag);
-    VarKGemm p{};
-    p.p = xc.data_ptr();
-    p.ldp = K;
-    p.q = dyc.data_ptr();
-    p.ldq = N;
-    p.sched = s.ptr();
-    p.E = static_cast<int>(E);
-    p.M = static_cast<int>(K);
-    p.N = static_cast<int>(N);
-    p.vec_p = copy_width<S>(p.p, {K});
-    p.vec_q = copy_width<S>(p.q, {N});
-    p.out = dw.data_ptr();
-    launch_vark_gemm<S>(p, stream);
+    if (!cutlass) {
+      VarKGemm p{};
+      p.p = xc.data_ptr();
+      p.ldp = K;
+      p.q = dyc.data_ptr();
+      p.ldq = N;
+      p.sched = s.ptr();
+      p.E = static_cast<int>(E);
+      p.M = static_cast<int>(K);
+      p.N = static_cast<int>(N);
+      p.vec_p = copy_width<S>(p.p, {K});
+      p.vec_q = copy_width<S>(p.q, {N});
+      p.out = dw.data_ptr();
+      launch_vark_gemm<S>(p, stream);
+    }
     if (bias_grad) {
       ColSum c{};
       c.src = dyc.data_ptr();
