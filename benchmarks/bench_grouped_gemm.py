@@ -16,9 +16,7 @@ kernels (0 on its row would mean a fallback to the default).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import platform
 
 import torch
@@ -28,26 +26,7 @@ import ossrl
 from _floor import floor_seconds, median_seconds, rates
 from ossrl import _C
 from ossrl.ops import grouped_gemm
-
-
-@contextlib.contextmanager
-def kernels(name):
-    old = os.environ.get("OSSRL_MOE_GEMM")
-    os.environ["OSSRL_MOE_GEMM"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["OSSRL_MOE_GEMM"]
-        else:
-            os.environ["OSSRL_MOE_GEMM"] = old
-
-
-def ossrl_with(name):
-    def run(x, w, off, b):
-        with kernels(name):
-            return grouped_gemm(x, w, off, b)
-    return run
+from _kernels import cutlass_available, with_kernels
 
 
 def torch_grouped_mm(x, w, off, b):
@@ -118,10 +97,10 @@ def main():
     H = a.hidden or (2880 if gpu else 128)
     experts = a.experts or [32, 128]
     repeat = a.repeat or (20 if gpu else 3)
-    impls = {"ossrl": ossrl_with("mma")}
-    sm90 = gpu and _C.with_sm90_gemm and torch.cuda.get_device_capability()[0] == 9
+    impls = {"ossrl": with_kernels("mma", grouped_gemm)}
+    sm90 = cutlass_available(a.device)
     if sm90:
-        impls["ossrl cutlass"] = ossrl_with("cutlass")
+        impls["ossrl cutlass"] = with_kernels("cutlass", grouped_gemm)
     if gpu:
         impls["grouped_mm"] = torch_grouped_mm
     impls["per-expert loop"] = per_expert_loop

@@ -3,6 +3,8 @@
 Peers: a torch.nn.functional.grouped_mm pipeline (gather, grouped_mm, bias, SwiGLU, grouped_mm,
 bias, weighted index_add), a per-expert loop of plain torch ops, and transformers' GptOssExperts.
 Each is timed forward and forward+backward; ratios are peer time / ours (> 1: ours is faster).
+On an sm_90 GPU with a build that has them, an "ossrl cutlass" row runs the forward's two GEMMs
+on the CUTLASS sm90 kernels (OSSRL_MOE_GEMM=cutlass; its backward is the default's).
 
     python benchmarks/bench_moe.py                      # CPU: scaled-down shapes, fp32
     python benchmarks/bench_moe.py --device cuda        # GPU: GPT-OSS 20b/120b shapes, bf16
@@ -22,6 +24,7 @@ import ossrl
 from _floor import floor_seconds, median_seconds, rates
 from ossrl.ops import moe_experts, moe_route
 from _peers import transformers_available  # noqa: E402  (benchmarks/, beside this script)
+from _kernels import cutlass_available, with_kernels
 
 ALPHA, LIMIT = 1.702, 7.0
 
@@ -84,7 +87,10 @@ def bench_case(T, H, I, E, k, dtype, device, repeat, peers):
     ]
     r = moe_route(logits, k)
     g = torch.randn_like(x)
-    impls = {"ossrl": lambda x, r, *p: moe_experts(x, r, *p, swiglu_alpha=ALPHA, swiglu_limit=LIMIT)}
+    ours = lambda x, r, *p: moe_experts(x, r, *p, swiglu_alpha=ALPHA, swiglu_limit=LIMIT)  # noqa: E731
+    impls = {"ossrl": with_kernels("mma", ours)}
+    if cutlass_available(device):  # the forward's GEMMs on CUTLASS sm90 (OSSRL_MOE_GEMM=cutlass)
+        impls["ossrl cutlass"] = with_kernels("cutlass", ours)
     impls.update({"grouped_mm": grouped_mm_pipeline, "per-expert loop": per_expert_loop})
     if "transformers" in peers:
         impls["transformers"] = make_transformers(H, I, E, device)
@@ -98,7 +104,7 @@ def bench_case(T, H, I, E, k, dtype, device, repeat, peers):
     floor = floor_seconds(flops, nbytes, device, dtype)
     rows = []
     for name, fn in impls.items():
-        if name not in ("ossrl", *peers):
+        if name not in ("ossrl", "ossrl cutlass", *peers):
             continue
         out = fn(x, r, *params).float()
         err = (out - ref).abs().max().item() / (ref.abs().max().item() + 1e-9)

@@ -11,14 +11,9 @@
 namespace ossrl::moe_cuda {
 
 namespace {
-
 std::atomic<int64_t> sm90_calls{0};
+}  // namespace
 
-// OSSRL_MOE_GEMM, read at each call: unset or "mma" keeps the mma.sync kernels (the default until
-// a GPU run shows the CUTLASS ones correct and faster: benchmarks/NOTES.md); "cutlass" uses the
-// CUTLASS sm90 kernels wherever they apply (sm_90 GPU, bf16/fp16, TMA alignment) and the
-// mma.sync ones elsewhere.
-// A value this build cannot honour is an error, never a silent fallback.
 bool cutlass_selected(const char* op) {
   const char* v = std::getenv("OSSRL_MOE_GEMM");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "mma") == 0) return false;
@@ -33,7 +28,6 @@ bool cutlass_selected(const char* op) {
   return true;
 }
 
-// The TMA's rules: 16-byte aligned bases and leading dimensions, 16-bit types; wgmma: sm_90.
 bool sm90_applies(const at::Tensor& x, std::initializer_list<int64_t> dims,
                   std::initializer_list<const void*> ptrs) {
   if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) return false;
@@ -45,7 +39,7 @@ bool sm90_applies(const at::Tensor& x, std::initializer_list<int64_t> dims,
   return true;
 }
 
-}  // namespace
+void count_sm90_call() { sm90_calls.fetch_add(1, std::memory_order_relaxed); }
 
 int64_t sm90_gemm_calls() { return sm90_calls.load(std::memory_order_relaxed); }
 
@@ -78,10 +72,11 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at:
   const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
   const Sched s = make_sched(off, E, T, stream, op);
 
-  if (cutlass_selected(op) &&
+  // (K > 0: a CUTLASS problem with K = 0 would issue no MMA to clear its accumulators)
+  if (cutlass_selected(op) && K > 0 &&
       sm90_applies(x, {K, N}, {xc.data_ptr(), wc.data_ptr(), bc.defined() ? bc.data_ptr() : nullptr})) {
     sm90::grouped_gemm(xc, wc, kmaj, bc, s.ptr(), out, stream);
-    sm90_calls.fetch_add(1, std::memory_order_relaxed);
+    count_sm90_call();
     dispatch_float(x.scalar_type(), op,
                    [&](auto tag) { launch_zero_tail<decltype(tag)>(out, s, E, stream); });
     return out;
@@ -144,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_dw_cuda(const at::Tensor& x, con
       cutlass_selected(op) && sm90_applies(x, {K, N}, {xc.data_ptr(), dyc.data_ptr()});
   if (cutlass) {
     sm90::grouped_gemm_dw(xc, dyc, s.ptr(), dw, stream);
-    sm90_calls.fetch_add(1, std::memory_order_relaxed);
+    count_sm90_call();
   }
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using S = decltype(tag);

@@ -1,12 +1,31 @@
 // Hopper-native grouped GEMMs on CUTLASS's sm90 ptr-array kernels (grouped_gemm_sm90.cu), an
 // alternative to the mma.sync kernels in gemm.cuh that OSSRL_MOE_GEMM=cutlass selects. Built only
 // when the CUDA architectures include 90a and the CUTLASS headers are found (OSSRL_WITH_SM90_GEMM).
+// grouped_gemm, its gradients and moe_experts' forward use them (moe/grouped_gemm.cu, experts.cu).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
+
+namespace ossrl::moe_cuda {
+
+// OSSRL_MOE_GEMM, read at each call (grouped_gemm.cu): unset or "mma" keeps the mma.sync kernels
+// of gemm.cuh, the default until a GPU run shows the CUTLASS ones correct and faster
+// (benchmarks/NOTES.md); "cutlass" takes the CUTLASS sm90 kernels wherever sm90_applies, and
+// the mma.sync ones elsewhere. Any other value, or "cutlass" in a build without them, is an error.
+bool cutlass_selected(const char* op);
+// The CUTLASS kernels' rules: an sm_90 GPU, bf16/fp16, every leading dimension in `dims` a
+// multiple of 8 and every pointer in `ptrs` 16-byte aligned (the TMA's).
+bool sm90_applies(const at::Tensor& x, std::initializer_list<int64_t> dims,
+                  std::initializer_list<const void*> ptrs);
+// One more op call that ran on the CUTLASS kernels (ossrl._C.sm90_gemm_calls()).
+void count_sm90_call();
+int64_t sm90_gemm_calls();
+
+}  // namespace ossrl::moe_cuda
 
 namespace ossrl::moe_cuda::sm90 {
 
