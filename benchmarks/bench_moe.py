@@ -3,8 +3,8 @@
 Peers: a torch.nn.functional.grouped_mm pipeline (gather, grouped_mm, bias, SwiGLU, grouped_mm,
 bias, weighted index_add), a per-expert loop of plain torch ops, and transformers' GptOssExperts.
 Each is timed forward and forward+backward; ratios are peer time / ours (> 1: ours is faster).
-On an sm_90 GPU with a build that has them, an "ossrl cutlass" row runs the forward's two GEMMs
-on the CUTLASS sm90 kernels (OSSRL_MOE_GEMM=cutlass; its backward is the default's).
+On an sm_90 GPU with a build that has them, an "ossrl cutlass" row runs every GEMM, forward and
+backward, on the CUTLASS sm90 kernels (OSSRL_MOE_GEMM=cutlass).
 
     python benchmarks/bench_moe.py                      # CPU: scaled-down shapes, fp32
     python benchmarks/bench_moe.py --device cuda        # GPU: GPT-OSS 20b/120b shapes, bf16
@@ -89,7 +89,7 @@ def bench_case(T, H, I, E, k, dtype, device, repeat, peers):
     g = torch.randn_like(x)
     ours = lambda x, r, *p: moe_experts(x, r, *p, swiglu_alpha=ALPHA, swiglu_limit=LIMIT)  # noqa: E731
     impls = {"ossrl": with_kernels("mma", ours)}
-    if cutlass_available(device):  # the forward's GEMMs on CUTLASS sm90 (OSSRL_MOE_GEMM=cutlass)
+    if cutlass_available(device):  # every GEMM on CUTLASS sm90 (OSSRL_MOE_GEMM=cutlass)
         impls["ossrl cutlass"] = with_kernels("cutlass", ours)
     impls.update({"grouped_mm": grouped_mm_pipeline, "per-expert loop": per_expert_loop})
     if "transformers" in peers:

@@ -89,9 +89,9 @@ def test_cutlass_grouped_gemm_and_gradients_match_float64(monkeypatch, dtype, wi
 @needs_sm90
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("drop_last_expert", [False, True])
-def test_cutlass_moe_experts_forward_matches_float64(monkeypatch, dtype, drop_last_expert):
-    # The forward's two GEMMs on CUTLASS (gather, SwiGLU and the weighted combine around them);
-    # its backward stays on the mma.sync kernels and must agree with the same float64 reference.
+def test_cutlass_moe_experts_forward_and_backward_match_float64(monkeypatch, dtype, drop_last_expert):
+    # Forward and backward GEMMs on CUTLASS, with the gathers, SwiGLU (and its gradient) and the
+    # combines as kernels between them; the routing-weight gradient goes through moe_route too.
     monkeypatch.setenv("OSSRL_MOE_GEMM", "cutlass")
     T, H, I, E, k = 300, 136, 72, 4, 2
     x = torch.randn(T, H, device="cuda").to(dtype).requires_grad_()
@@ -107,12 +107,13 @@ def test_cutlass_moe_experts_forward_matches_float64(monkeypatch, dtype, drop_la
     before = _C.sm90_gemm_calls()
     out = moe_experts(x, r, *params)
     assert _C.sm90_gemm_calls() - before == 1
-    grads = torch.autograd.grad((out.float() * g.float()).sum(), (x, *params))
+    grads = torch.autograd.grad((out.float() * g.float()).sum(), (x, logits, *params))
+    assert _C.sm90_gemm_calls() - before == 2  # the backward too
     ref = ref_experts(x, rw, re, *params)
-    ref_grads = torch.autograd.grad((ref * g.double()).sum(), (x, *params))
-    # as test_moe's CUDA test: h, swiglu(h), each slot and dh are rounded once each
+    ref_grads = torch.autograd.grad((ref * g.double()).sum(), (x, logits, *params))
+    # as test_moe's CUDA test: h, swiglu(h), each slot, g and dh are rounded once each
     bound = 32 * unit_roundoff(torch.bfloat16)
-    for name, a, b in zip(["out", "dx", "dw_gate_up", "db_gate_up", "dw_down", "db_down"],
+    for name, a, b in zip(["out", "dx", "dlogits", "dw_gate_up", "db_gate_up", "dw_down", "db_down"],
                           [out, *grads], [ref, *ref_grads]):
         assert torch.isfinite(a).all() and _normwise(a, b) <= bound, (name, _normwise(a, b), bound)
 

@@ -1,60 +1,12 @@
 // The fused GPT-OSS expert block on CUDA, forward and backward: gathered gate/up GEMM with bias and
 // the clamped SwiGLU, down GEMM with the routing weight scattered to (token, slot) rows, the
 // deterministic combine, and the gradients (see moe/gemm.cuh for the tiling). With
-// OSSRL_MOE_GEMM=cutlass the forward's two GEMMs run on the CUTLASS sm90 kernels instead.
+// OSSRL_MOE_GEMM=cutlass both run on the CUTLASS sm90 GEMMs instead (moe/experts_sm90.cu).
 #include "gemm.cuh"
 #include "grouped_gemm_sm90.h"
 
 namespace ossrl::moe_cuda {
 
-namespace {
-
-// The pieces the CUTLASS forward needs around its two GEMMs, which cannot gather rows, pair
-// neighbouring columns for SwiGLU, or scatter their output rows to (token, slot) order.
-
-// xs[r] = x[order[r] / k] for the routed rows r < *end, in 16-byte chunks (16-bit T, H % 8 == 0).
-template <typename T>
-__global__ void gather_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ order,
-                                   const int32_t* __restrict__ end_ptr, int topk, int H,
-                                   T* __restrict__ xs) {
-  const int end = *end_ptr;
-  const int chunks = H / 8;
-  for (int r = blockIdx.x; r < end; r += gridDim.x) {
-    const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(order[r] / topk) * H);
-    uint4* dst = reinterpret_cast<uint4*>(xs + static_cast<int64_t>(r) * H);
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) dst[c] = src[c];
-  }
-}
-
-// act[r, i] = swiglu(h[r, 2i], h[r, 2i+1]) for the routed rows r < *end.
-template <typename T>
-__global__ void swiglu_rows_kernel(const T* __restrict__ h, const int32_t* __restrict__ end_ptr,
-                                   int I, float alpha, float limit, T* __restrict__ act) {
-  const int64_t n = static_cast<int64_t>(*end_ptr) * I;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    act[i] = T(swiglu_fwd(static_cast<float>(h[2 * i]), static_cast<float>(h[2 * i + 1]), alpha, limit));
-}
-
-// out[t, n] = sum over slots j (in order, fp32) of w[f] * y[inv[f], n], f = t*k + j routed:
-// y in routed order, as the CUTLASS epilogue writes it; deterministic like combine_kernel.
-template <typename T>
-__global__ void combine_rows_kernel(const T* __restrict__ y, const int32_t* __restrict__ inv,
-                                    const float* __restrict__ w, int topk, int N,
-                                    T* __restrict__ out) {
-  const int64_t t = blockIdx.x;
-  for (int n = threadIdx.x; n < N; n += blockDim.x) {
-    float s = 0.f;
-    for (int j = 0; j < topk; ++j) {
-      const int64_t f = t * topk + j;
-      const int r = inv[f];
-      if (r >= 0) s += w[f] * static_cast<float>(y[static_cast<int64_t>(r) * N + n]);
-    }
-    out[t * N + n] = T(s);
-  }
-}
-
-}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // The GPT-OSS expert block
@@ -101,39 +53,20 @@ std::tuple<at::Tensor, at::Tensor> moe_experts_cuda(
   const at::Tensor wgu = w_gate_up.contiguous(), bgu = b_gate_up.contiguous();
   const at::Tensor wd = w_down.contiguous(), bd = b_down.contiguous();
   const Sched s = make_sched(off, E, R, stream, op);
-  at::Tensor act = at::empty({R, I}, x.options());                 // swiglu(h), routed order
-  at::Tensor slots = at::empty({R, H}, x.options());  // w_f * y at flat f (see gemm.cuh)
-
   // (H, I > 0: a CUTLASS problem with K = 0 would issue no MMA to clear its accumulators)
   if (cutlass_selected(op) && I > 0 && H > 0 &&
       sm90_applies(x, {H, I}, {xc.data_ptr(), wgu.data_ptr(), bgu.data_ptr(), wd.data_ptr(),
                               bd.data_ptr()})) {
-    dispatch_float(x.scalar_type(), op, [&](auto tag) {
-      using S = decltype(tag);
-      // inv first: it is also the device-side check of order that the gather relies on.
-      const at::Tensor inv = make_inv(ordc, s, E, R, stream);
-      at::Tensor xs = at::empty({R, H}, x.options());
-      const unsigned grid = static_cast<unsigned>(std::min<int64_t>(R, 4096));
-      gather_rows_kernel<S><<<grid, 128, 0, stream>>>(static_cast<const S*>(xc.data_ptr()),
-                                                      ordc.data_ptr<int32_t>(), s.ptr() + E,
-                                                      static_cast<int>(k), static_cast<int>(H),
-                                                      static_cast<S*>(xs.data_ptr()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      sm90::grouped_gemm(xs, wgu, false, bgu, s.ptr(), h, stream);  // h = xs @ w_gate_up + b
-      launch_zero_tail<S>(h, s, E, stream);
-      swiglu_rows_kernel<S><<<grid, kThreads, 0, stream>>>(
-          static_cast<const S*>(h.data_ptr()), s.ptr() + E, static_cast<int>(I),
-          static_cast<float>(alpha), static_cast<float>(limit), static_cast<S*>(act.data_ptr()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      sm90::grouped_gemm(act, wd, false, bd, s.ptr(), slots, stream);  // y = act @ w_down + b
-      combine_rows_kernel<S><<<static_cast<unsigned>(T), kThreads, 0, stream>>>(
-          static_cast<const S*>(slots.data_ptr()), inv.data_ptr<int32_t>(), wf.data_ptr<float>(),
-          static_cast<int>(k), static_cast<int>(H), static_cast<S*>(out.data_ptr()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    // inv (made first) is also the device-side check of order that the gathers rely on.
+    const sm90::ExpertsSm90 args{xc, ordc, wf, s.t, make_inv(ordc, s, E, R, stream), s.max_tiles,
+                                 k, wgu, bgu, wd, bd, static_cast<float>(alpha),
+                                 static_cast<float>(limit)};
+    sm90::moe_experts(args, out, h, stream);
     count_sm90_call();
     return {out, h};
   }
+  at::Tensor act = at::empty({R, I}, x.options());    // swiglu(h), routed order
+  at::Tensor slots = at::empty({R, H}, x.options());  // w_f * y at flat f (see gemm.cuh)
 
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using S = decltype(tag);
@@ -241,6 +174,18 @@ moe_experts_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
   const at::Tensor bd = b_down.contiguous();
   const Sched s = make_sched(off, E, R, stream, op);
   const at::Tensor inv = make_inv(ordc, s, E, R, stream);
+
+  if (cutlass_selected(op) && I > 0 && H > 0 &&
+      sm90_applies(x, {H, I}, {go.data_ptr(), hc.data_ptr(), xc.data_ptr(), wgu.data_ptr(),
+                              wd.data_ptr(), bd.data_ptr()})) {
+    at::Tensor dw_flat = at::empty({R}, x.options().dtype(at::kFloat));
+    const sm90::ExpertsSm90 args{xc, ordc, wf, s.t, inv, s.max_tiles, k, wgu, at::Tensor(), wd,
+                                 bd, static_cast<float>(alpha), static_cast<float>(limit)};
+    sm90::moe_experts_backward(args, go, hc, dx, dw_flat, dwgu, dbgu, dwd, dbd, stream);
+    count_sm90_call();
+    dweights.copy_(dw_flat.view(weights.sizes()));
+    return {dx, dweights, dwgu, dbgu, dwd, dbd};
+  }
 
   at::Tensor dh = at::empty({R, 2 * I}, x.options());  // routed order; rows past the end unused
   at::Tensor aw = at::empty({R, I}, x.options());      // w_f * swiglu(h_r)

@@ -13,8 +13,11 @@
 // * The ptr-array epilogue has no bias operation, so the bias is an epilogue visitor tree of our
 //   own: acc + a row broadcast read through an array of per-expert bias pointers (no array, no
 //   bias). The output is rounded once, from fp32.
-// * No gather: CUTLASS's TMA loads need each expert's A rows contiguous, so this serves
-//   grouped_gemm and its two gradients; moe_experts keeps its gathering mma.sync kernels.
+// * No gather: CUTLASS's TMA loads need each expert's A rows contiguous. grouped_gemm and its
+//   two gradients have them; moe_experts' forward first gathers the routed rows (experts.cu).
+// * The host encodes placeholder TMA descriptors; the device rewrites them per expert, so the
+//   alignment rules CUTLASS cannot check without host problem sizes are the caller's
+//   (sm90_applies).
 #include "grouped_gemm_sm90.h"
 
 #include <ATen/cuda/CUDAContext.h>

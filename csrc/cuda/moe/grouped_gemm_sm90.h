@@ -1,7 +1,8 @@
 // Hopper-native grouped GEMMs on CUTLASS's sm90 ptr-array kernels (grouped_gemm_sm90.cu), an
 // alternative to the mma.sync kernels in gemm.cuh that OSSRL_MOE_GEMM=cutlass selects. Built only
 // when the CUDA architectures include 90a and the CUTLASS headers are found (OSSRL_WITH_SM90_GEMM).
-// grouped_gemm, its gradients and moe_experts' forward use them (moe/grouped_gemm.cu, experts.cu).
+// grouped_gemm and its gradients (moe/grouped_gemm.cu) and moe_experts forward and backward
+// (moe/experts_sm90.cu, called from experts.cu) use them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -34,13 +35,37 @@ namespace ossrl::moe_cuda::sm90 {
 // bounds: E+1 clamped, non-decreasing row bounds on the device (make_sched). bf16/fp16 only,
 // K and N multiples of 8 and 16-byte aligned pointers (the TMA's rules): the caller checks.
 // dw (E, K, N)[e] = x rows^T @ dy rows over expert e's rows (zeros for an expert without rows).
+//
+// moe_experts (experts_sm90.cu) on those GEMMs: what its forward and backward share. x, order,
+// the weights (fp32, flat (T*k)), the schedule of make_sched (sched: its int32 (2E+2) tensor) and
+// inv of make_inv are the default path's; the expert tensors are contiguous.
+struct ExpertsSm90 {
+  at::Tensor x, order, wts, sched, inv;
+  int64_t max_tiles, topk;
+  at::Tensor w_gate_up, b_gate_up, w_down, b_down;
+  float alpha, limit;
+};
+// out (T, H) and h (T*k, 2I) as moe_experts returns them.
+// dx, dw_flat (T*k fp32), dwgu, dbgu, dwd, dbd as moe_experts_backward's (grad_out and h in x's dtype).
 #ifdef OSSRL_WITH_SM90_GEMM
+void moe_experts(const ExpertsSm90& a, at::Tensor& out, at::Tensor& h, cudaStream_t stream);
+void moe_experts_backward(const ExpertsSm90& a, const at::Tensor& grad_out, const at::Tensor& h,
+                          at::Tensor& dx, at::Tensor& dw_flat, at::Tensor& dwgu, at::Tensor& dbgu,
+                          at::Tensor& dwd, at::Tensor& dbd, cudaStream_t stream);
 void grouped_gemm(const at::Tensor& x, const at::Tensor& w, bool w_kmajor, const at::Tensor& bias,
                   const int32_t* bounds, at::Tensor& out, cudaStream_t stream);
 void grouped_gemm_dw(const at::Tensor& x, const at::Tensor& dy, const int32_t* bounds,
                      at::Tensor& dw, cudaStream_t stream);
 #else
 // Never reached: the callers check that the kernels were built first.
+inline void moe_experts(const ExpertsSm90&, at::Tensor&, at::Tensor&, cudaStream_t) {
+  TORCH_CHECK(false, "ossrl: this build has no CUTLASS sm90 kernels");
+}
+inline void moe_experts_backward(const ExpertsSm90&, const at::Tensor&, const at::Tensor&,
+                                 at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                                 at::Tensor&, cudaStream_t) {
+  TORCH_CHECK(false, "ossrl: this build has no CUTLASS sm90 kernels");
+}
 inline void grouped_gemm(const at::Tensor&, const at::Tensor&, bool, const at::Tensor&,
                          const int32_t*, at::Tensor&, cudaStream_t) {
   TORCH_CHECK(false, "ossrl: this build has no CUTLASS sm90 kernels");
