@@ -32,6 +32,10 @@ if [[ " $STAGES " == *" test "* ]]; then
   per_test=(); python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120)  # if the plugin is there
   timeout 420 python3 -m pytest ../tests -q -ra -p no:cacheprovider "${per_test[@]}" -x >"$OUT/tests.log" 2>&1
   log "tests exit $?: $(tail -1 "$OUT/tests.log")"
+  # the MoE CUDA tests again with every eligible GEMM on the CUTLASS sm90 kernels
+  OSSRL_MOE_GEMM=cutlass timeout 180 python3 -m pytest ../tests/test_moe.py -q -ra -p no:cacheprovider \
+    "${per_test[@]}" -k cuda >"$OUT/tests_cutlass.log" 2>&1
+  log "tests with OSSRL_MOE_GEMM=cutlass exit $?: $(tail -1 "$OUT/tests_cutlass.log")"
 fi
 
 if [[ " $STAGES " == *" sanitize "* ]]; then

@@ -44,7 +44,7 @@ def _ref(x, w, counts, bias):
 
 
 def _normwise(a, b):
-    return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+    return float((a.detach().double() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -86,24 +86,40 @@ def test_cutlass_grouped_gemm_and_gradients_match_float64(monkeypatch, dtype, wi
             assert (dw[e] == 0).all(), e  # an expert without rows: its weight gradient is zero
 
 
+def _rowwise(a, b, name):
+    """The largest relative error of a row (a bug confined to a few rows shows here, where a
+    normwise figure would average it away); rows that are exactly zero must stay exactly zero."""
+    a, b = a.detach().double().flatten(1), b.detach().double().flatten(1)
+    zero = b.norm(dim=1) == 0
+    assert (a[zero] == 0).all(), (name, "a row that must be zero is not")
+    if (~zero).any():
+        return float(((a - b).norm(dim=1)[~zero] / b.norm(dim=1)[~zero]).max())
+    return 0.0
+
+
 @needs_sm90
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("drop_last_expert", [False, True])
-def test_cutlass_moe_experts_forward_and_backward_match_float64(monkeypatch, dtype, drop_last_expert):
+@pytest.mark.parametrize("case", ["all routed", "last expert dropped", "two dropped, middle empty"])
+def test_cutlass_moe_experts_forward_and_backward_match_float64(monkeypatch, dtype, case):
     # Forward and backward GEMMs on CUTLASS, with the gathers, SwiGLU (and its gradient) and the
     # combines as kernels between them; the routing-weight gradient goes through moe_route too.
     monkeypatch.setenv("OSSRL_MOE_GEMM", "cutlass")
-    T, H, I, E, k = 300, 136, 72, 4, 2
+    T, H, I, E, k = 300, 136, 72, 5, 2
     x = torch.randn(T, H, device="cuda").to(dtype).requires_grad_()
-    logits = torch.randn(T, E, device="cuda", requires_grad=True)
+    logits = torch.randn(T, E, device="cuda")
+    if case == "two dropped, middle empty":
+        logits[:, 1] = -1e4  # expert 1 gets no rows
+    logits.requires_grad_()
     params = expert_params(E, H, I, dtype, "cuda", requires_grad=True)
     g = torch.randn(T, H, device="cuda").to(dtype)
     r = moe_route(logits, k)
     rw, re = ref_route(logits, k)
-    if drop_last_expert:  # its rows lie past offsets[-1]: they contribute nothing
-        kept = int(r.offsets[E - 2])
-        r = r._replace(offsets=torch.cat([r.offsets[:E - 1], r.offsets.new_tensor([kept])]))
-        rw = rw * (re != E - 1)
+    dropped = {"all routed": [], "last expert dropped": [E - 1], "two dropped, middle empty": [E - 2, E - 1]}[case]
+    if dropped:  # their rows lie past offsets[-1]: they contribute nothing (some tokens lose both slots)
+        kept = int(r.offsets[dropped[0] - 1])
+        r = r._replace(offsets=torch.cat([r.offsets[:dropped[0]], r.offsets.new_full((len(dropped),), kept)]))
+        for e in dropped:
+            rw = rw * (re != e)
     before = _C.sm90_gemm_calls()
     out = moe_experts(x, r, *params)
     assert _C.sm90_gemm_calls() - before == 1
@@ -111,11 +127,22 @@ def test_cutlass_moe_experts_forward_and_backward_match_float64(monkeypatch, dty
     assert _C.sm90_gemm_calls() - before == 2  # the backward too
     ref = ref_experts(x, rw, re, *params)
     ref_grads = torch.autograd.grad((ref * g.double()).sum(), (x, logits, *params))
-    # as test_moe's CUDA test: h, swiglu(h), each slot, g and dh are rounded once each
-    bound = 32 * unit_roundoff(torch.bfloat16)
-    for name, a, b in zip(["out", "dx", "dlogits", "dw_gate_up", "db_gate_up", "dw_down", "db_down"],
-                          [out, *grads], [ref, *ref_grads]):
-        assert torch.isfinite(a).all() and _normwise(a, b) <= bound, (name, _normwise(a, b), bound)
+    # h, swiglu(h), each slot, g and dh are rounded to dtype once each: a few u per row; a wrong
+    # row, expert, bias or weight is off by O(1).
+    bound = 32 * unit_roundoff(dtype)
+    names = ["out", "dx", "dlogits", "dw_gate_up", "db_gate_up", "dw_down", "db_down"]
+    for name, a, b in zip(names, [out, *grads], [ref, *ref_grads]):
+        assert torch.isfinite(a).all(), name
+        if name == "dlogits":  # rows can nearly cancel: normwise
+            assert _normwise(a, b) <= bound, (name, _normwise(a, b), bound)
+        else:  # rows of out/dx, experts of the weight and bias gradients
+            assert _rowwise(a, b, name) <= bound, (name, _rowwise(a, b, name), bound)
+    for e in dropped + ([1] if case == "two dropped, middle empty" else []):
+        for name, grad in zip(names[3:], grads[2:]):
+            assert (grad[e] == 0).all(), (name, e)  # an expert without rows: exactly zero
+    _, h = torch.ops.ossrl.moe_experts(x.detach(), r.weights, r.order, r.offsets, *(p.detach() for p in params),
+                                       1.702, 7.0)
+    assert (h[int(r.offsets[-1]):] == 0).all()  # rows past offsets[-1]
 
 
 @needs_sm90

@@ -4,7 +4,10 @@
 // it, so what the mma.sync kernels fuse into their GEMMs is done here by small kernels between
 // them: the gathers of routed rows, the SwiGLU and its gradient, and the (token, slot) combines.
 // Each costs a pass over (routed rows x H or I) in bf16/fp16, against GEMMs of 2 x rows x H x I
-// flops. Reductions keep a fixed order, so results are bitwise reproducible as on the default.
+// flops. Reductions keep a fixed order, so results are bitwise reproducible from run to run (not
+// bitwise equal to the default path's: h and g are rounded to x's dtype before the SwiGLU and
+// its gradient, and the routing weight multiplies a rounded row). Temporaries are released as
+// soon as the last kernel that reads them is queued, to keep the peak near the default's.
 #include "gemm.cuh"
 #include "grouped_gemm_sm90.h"
 
@@ -14,16 +17,23 @@ namespace {
 constexpr int kRowThreads = 128;
 
 // xs[r] = x[order[r] / k] for the routed rows r < *end, in 16-byte chunks (16-bit T, H % 8 == 0).
+// An entry of order outside [0, T*k) (build_inv_kernel has already asserted on it) reads nothing:
+// its row is zero.
 template <typename T>
 __global__ void gather_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ order,
                                    const int32_t* __restrict__ end_ptr, int topk, int H,
-                                   T* __restrict__ xs) {
+                                   int flat_total, T* __restrict__ xs) {
   static_assert(sizeof(T) == 2, "16-byte chunks of 8 elements");
-  const int end = *end_ptr;
+  const int64_t end = *end_ptr;
   const int chunks = H / 8;
-  for (int r = blockIdx.x; r < end; r += gridDim.x) {
-    const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(order[r] / topk) * H);
-    uint4* dst = reinterpret_cast<uint4*>(xs + static_cast<int64_t>(r) * H);
+  for (int64_t r = blockIdx.x; r < end; r += gridDim.x) {
+    const int f = order[r];
+    uint4* dst = reinterpret_cast<uint4*>(xs + r * H);
+    if (f < 0 || f >= flat_total) {
+      for (int c = threadIdx.x; c < chunks; c += blockDim.x) dst[c] = make_uint4(0, 0, 0, 0);
+      continue;
+    }
+    const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(f / topk) * H);
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) dst[c] = src[c];
   }
 }
@@ -46,15 +56,16 @@ template <typename T>
 __global__ void swiglu_bwd_rows_kernel(const T* __restrict__ g, const T* __restrict__ h,
                                        const int32_t* __restrict__ order,
                                        const float* __restrict__ wts,
-                                       const int32_t* __restrict__ end_ptr, int I, float alpha,
-                                       float limit, T* __restrict__ dh, T* __restrict__ aw,
-                                       float* __restrict__ dots) {
-  const int end = *end_ptr;
+                                       const int32_t* __restrict__ end_ptr, int flat_total,
+                                       int I, float alpha, float limit, T* __restrict__ dh,
+                                       T* __restrict__ aw, float* __restrict__ dots) {
+  const int64_t end = *end_ptr;
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x / 32;
-  for (int r = blockIdx.x * warps + threadIdx.x / 32; r < end; r += gridDim.x * warps) {
-    const float w = wts[order[r]];
-    const int64_t row = static_cast<int64_t>(r);
+  for (int64_t row = blockIdx.x * warps + threadIdx.x / 32; row < end;
+       row += static_cast<int64_t>(gridDim.x) * warps) {
+    const int f = order[row];
+    const float w = (f >= 0 && f < flat_total) ? wts[f] : 0.f;  // see gather_rows_kernel
     float dot = 0.f;
     for (int i = lane; i < I; i += 32) {
       const float gr = static_cast<float>(g[row * I + i]);
@@ -68,7 +79,7 @@ __global__ void swiglu_bwd_rows_kernel(const T* __restrict__ g, const T* __restr
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    if (lane == 0) dots[r] = dot;
+    if (lane == 0) dots[row] = dot;
   }
 }
 
@@ -90,7 +101,9 @@ __global__ void combine_rows_kernel(const T* __restrict__ y, const int32_t* __re
   }
 }
 
-unsigned row_grid(int64_t rows) { return static_cast<unsigned>(std::max<int64_t>(std::min<int64_t>(rows, 4096), 1)); }
+unsigned row_grid(int64_t rows) {
+  return static_cast<unsigned>(std::max<int64_t>(std::min<int64_t>(rows, 4096), 1));
+}
 
 template <typename T>
 at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& order, const int32_t* end,
@@ -99,7 +112,8 @@ at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& order, const int
   at::Tensor rows = at::empty({R, H}, src.options());
   gather_rows_kernel<T><<<row_grid(R), kRowThreads, 0, stream>>>(
       static_cast<const T*>(src.data_ptr()), order.data_ptr<int32_t>(), end,
-      static_cast<int>(topk), static_cast<int>(H), static_cast<T*>(rows.data_ptr()));
+      static_cast<int>(topk), static_cast<int>(H), static_cast<int>(R),
+      static_cast<T*>(rows.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return rows;
 }
@@ -133,8 +147,9 @@ void moe_experts(const ExpertsSm90& a, at::Tensor& out, at::Tensor& h, cudaStrea
   const int32_t* end = s.ptr() + E;
   dispatch16(a.x.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
-    const at::Tensor xs = gather_rows<S>(a.x, a.order, end, a.topk, stream);
+    at::Tensor xs = gather_rows<S>(a.x, a.order, end, a.topk, stream);
     grouped_gemm(xs, a.w_gate_up, false, a.b_gate_up, s.ptr(), h, stream);  // h = xs W_gu + b
+    xs = at::Tensor();
     launch_zero_tail<S>(h, s, E, stream);
     at::Tensor act = at::empty({R, I}, a.x.options());
     swiglu_rows_kernel<S><<<row_grid(R), kThreads, 0, stream>>>(
@@ -157,7 +172,7 @@ void moe_experts_backward(const ExpertsSm90& a, const at::Tensor& grad_out, cons
   dispatch16(a.x.scalar_type(), [&](auto tag) {
     using S = decltype(tag);
     // g = grad_out[token(r)] @ w_down[e]^T (w_down[e] is (I, H): its transpose is K-major)
-    const at::Tensor gs = gather_rows<S>(grad_out, a.order, end, a.topk, stream);
+    at::Tensor gs = gather_rows<S>(grad_out, a.order, end, a.topk, stream);
     at::Tensor g = at::empty({R, I}, a.x.options());
     grouped_gemm(gs, a.w_down.transpose(1, 2), true, at::Tensor(), s.ptr(), g, stream);
     at::Tensor dh = at::empty({R, 2 * I}, a.x.options());
@@ -166,10 +181,11 @@ void moe_experts_backward(const ExpertsSm90& a, const at::Tensor& grad_out, cons
     swiglu_bwd_rows_kernel<S><<<row_grid((R + kThreads / 32 - 1) / (kThreads / 32)), kThreads, 0,
                                 stream>>>(
         static_cast<const S*>(g.data_ptr()), static_cast<const S*>(h.data_ptr()),
-        a.order.data_ptr<int32_t>(), a.wts.data_ptr<float>(), end, static_cast<int>(I), a.alpha,
-        a.limit, static_cast<S*>(dh.data_ptr()), static_cast<S*>(aw.data_ptr()),
-        dots.data_ptr<float>());
+        a.order.data_ptr<int32_t>(), a.wts.data_ptr<float>(), end, static_cast<int>(R),
+        static_cast<int>(I), a.alpha, a.limit, static_cast<S*>(dh.data_ptr()),
+        static_cast<S*>(aw.data_ptr()), dots.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    g = at::Tensor();
     // dweights[f] = <g_r, a_r> + <grad_out[t], b_down[e]> (one partial per row here)
     dweights_kernel<S><<<static_cast<unsigned>((R + kThreads / 32 - 1) / (kThreads / 32)),
                          kThreads, 0, stream>>>(
@@ -178,22 +194,11 @@ void moe_experts_backward(const ExpertsSm90& a, const at::Tensor& grad_out, cons
         static_cast<int>(a.topk), static_cast<int>(H), static_cast<int>(R),
         dw_flat.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // dx = the slots' sum of dh[r] @ w_gate_up[e]^T (w_gate_up[e] is (H, 2I): K-major transpose)
-    at::Tensor dslots = at::empty({R, H}, a.x.options());
-    grouped_gemm(dh, a.w_gate_up.transpose(1, 2), true, at::Tensor(), s.ptr(), dslots, stream);
-    combine_rows<S>(dslots, a.inv, nullptr, a.topk, dx, stream);
-    // dw_gate_up[e] = x rows^T dh; db_gate_up[e] = sum of dh rows
-    const at::Tensor xs = gather_rows<S>(a.x, a.order, end, a.topk, stream);
-    grouped_gemm_dw(xs, dh, s.ptr(), dwgu, stream);
-    ColSum c{};
-    c.src = dh.data_ptr();
-    c.ld = 2 * I;
-    c.sched = s.ptr();
-    c.E = static_cast<int>(E);
-    c.N = static_cast<int>(2 * I);
-    launch_colsum<S>(c, s, dbgu, stream);
+    dots = at::Tensor();
     // dw_down[e] = (w_f a_r)^T grad_out rows; db_down[e] = sum of w_f grad_out[token(r)]
     grouped_gemm_dw(aw, gs, s.ptr(), dwd, stream);
+    gs = at::Tensor();
+    aw = at::Tensor();
     ColSum cb{};
     cb.src = grad_out.data_ptr();
     cb.ld = H;
@@ -206,6 +211,22 @@ void moe_experts_backward(const ExpertsSm90& a, const at::Tensor& grad_out, cons
     cb.E = static_cast<int>(E);
     cb.N = static_cast<int>(H);
     launch_colsum<S>(cb, s, dbd, stream);
+    // dx = the slots' sum of dh[r] @ w_gate_up[e]^T (w_gate_up[e] is (H, 2I): K-major transpose)
+    at::Tensor dslots = at::empty({R, H}, a.x.options());
+    grouped_gemm(dh, a.w_gate_up.transpose(1, 2), true, at::Tensor(), s.ptr(), dslots, stream);
+    combine_rows<S>(dslots, a.inv, nullptr, a.topk, dx, stream);
+    dslots = at::Tensor();
+    // dw_gate_up[e] = x rows^T dh; db_gate_up[e] = sum of dh rows
+    at::Tensor xs = gather_rows<S>(a.x, a.order, end, a.topk, stream);
+    grouped_gemm_dw(xs, dh, s.ptr(), dwgu, stream);
+    xs = at::Tensor();
+    ColSum c{};
+    c.src = dh.data_ptr();
+    c.ld = 2 * I;
+    c.sched = s.ptr();
+    c.E = static_cast<int>(E);
+    c.N = static_cast<int>(2 * I);
+    launch_colsum<S>(c, s, dbgu, stream);
   });
 }
 

@@ -74,7 +74,8 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at:
 
   // (K > 0: a CUTLASS problem with K = 0 would issue no MMA to clear its accumulators)
   if (cutlass_selected(op) && K > 0 &&
-      sm90_applies(x, {K, N}, {xc.data_ptr(), wc.data_ptr(), bc.defined() ? bc.data_ptr() : nullptr})) {
+      sm90_applies(x, {K, N},
+                   {xc.data_ptr(), wc.data_ptr(), bc.defined() ? bc.data_ptr() : nullptr})) {
     sm90::grouped_gemm(xc, wc, kmaj, bc, s.ptr(), out, stream);
     count_sm90_call();
     dispatch_float(x.scalar_type(), op,

@@ -14,7 +14,7 @@
 //   own: acc + a row broadcast read through an array of per-expert bias pointers (no array, no
 //   bias). The output is rounded once, from fp32.
 // * No gather: CUTLASS's TMA loads need each expert's A rows contiguous. grouped_gemm and its
-//   two gradients have them; moe_experts' forward first gathers the routed rows (experts.cu).
+//   two gradients have them; moe_experts gathers its routed rows first (experts_sm90.cu).
 // * The host encodes placeholder TMA descriptors; the device rewrites them per expert, so the
 //   alignment rules CUTLASS cannot check without host problem sizes are the caller's
 //   (sm90_applies).
@@ -44,9 +44,8 @@ struct Config {
   using Cluster = Shape<_1, _1, _1>;  // experts' row counts differ: no multicast partner to share
   static constexpr int kAlign = 8;    // elements per 16 bytes, the TMA's alignment
   using Bias = fusion::Sm90RowBroadcast<0, Tile, T*, float, Stride<_0, _1, _0>, kAlign>;
-  using Fusion =
-      fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, T, float, cutlass::FloatRoundStyle::round_to_nearest>,
-                      fusion::Sm90AccFetch, Bias>;
+  using Add = fusion::Sm90Compute<cutlass::plus, T, float, cutlass::FloatRoundStyle::round_to_nearest>;
+  using Fusion = fusion::Sm90EVT<Add, fusion::Sm90AccFetch, Bias>;  // acc + bias, rounded once
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor*,
