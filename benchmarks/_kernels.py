@@ -1,25 +1,9 @@
-"""Running ossrl's ops on one kernel family or the other (OSSRL_MOE_GEMM), for side-by-side rows."""
-
-import contextlib
-import os
+"""Rows of one kernel family or the other (ossrl.ops.moe_kernels), for side-by-side benchmarks."""
 
 import torch
 
 from ossrl import _C
-
-
-@contextlib.contextmanager
-def kernels(name: str):
-    """OSSRL_MOE_GEMM=name inside the block ("mma", the default, or "cutlass"); restored after."""
-    old = os.environ.get("OSSRL_MOE_GEMM")
-    os.environ["OSSRL_MOE_GEMM"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["OSSRL_MOE_GEMM"]
-        else:
-            os.environ["OSSRL_MOE_GEMM"] = old
+from ossrl.ops import moe_kernels
 
 
 def cutlass_available(device: str) -> bool:
@@ -28,8 +12,8 @@ def cutlass_available(device: str) -> bool:
 
 
 def with_kernels(name: str, fn):
-    """fn, called with OSSRL_MOE_GEMM=name."""
+    """fn, called inside moe_kernels(name)."""
     def run(*args, **kwargs):
-        with kernels(name):
+        with moe_kernels(name):
             return fn(*args, **kwargs)
     return run

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ossrl import _C
-from ossrl.ops import grouped_gemm, moe_experts, moe_route
+from ossrl.ops import MOE_KERNELS, grouped_gemm, moe_experts, moe_kernels, moe_route
 
 from _tolerance import unit_roundoff
 from test_moe import expert_params, ref_experts, ref_route
@@ -204,3 +204,32 @@ def test_build_reports_the_cutlass_kernels():
     # CI builds for sm_90a with the CUTLASS headers (.ci/run sets this): they must be in the wheel.
     if os.environ.get("OSSRL_EXPECT_SM90_GEMM") == "1":
         assert _C.with_cuda and _C.with_sm90_gemm, _C.cuda_archs
+
+
+def test_moe_kernels_sets_and_restores_the_switch(monkeypatch):
+    monkeypatch.delenv("OSSRL_MOE_GEMM", raising=False)
+    assert MOE_KERNELS == ("mma", "cutlass")
+    with moe_kernels("mma"):
+        assert os.environ["OSSRL_MOE_GEMM"] == "mma"
+    assert "OSSRL_MOE_GEMM" not in os.environ
+    monkeypatch.setenv("OSSRL_MOE_GEMM", "mma")
+    with pytest.raises(KeyError):  # restored even when the block raises
+        with moe_kernels("mma"):
+            os.environ["OSSRL_MOE_GEMM"] = "changed inside"
+            raise KeyError("inside")
+    assert os.environ["OSSRL_MOE_GEMM"] == "mma"
+    with pytest.raises(ValueError, match="not one of"):
+        with moe_kernels("fastest"):
+            pass
+    if _C.with_sm90_gemm:
+        with moe_kernels("cutlass"):
+            assert os.environ["OSSRL_MOE_GEMM"] == "cutlass"
+            # CPU ops ignore it: same result as outside the block
+            x, w = torch.randn(6, 8), torch.randn(2, 8, 4)
+            off = torch.tensor([2, 6], dtype=torch.int32)
+            inside = grouped_gemm(x, w, off)
+        assert torch.equal(inside, grouped_gemm(x, w, off))
+    else:
+        with pytest.raises(RuntimeError, match="no CUTLASS sm90 kernels"):
+            with moe_kernels("cutlass"):
+                pass

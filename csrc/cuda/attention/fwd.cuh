@@ -38,8 +38,8 @@
 //   (that would synchronise); every value read is clamped so that bad values can never cause
 //   an out-of-bounds access. max_seqlen_q/k only size the grid: blocks loop over their row/key
 //   tiles with a grid stride, so an understated max_seqlen still computes everything.
-// - dtypes: bfloat16 and float16 with head dim 64 or 128. float32 (and float64) inputs are
-//   rejected on CUDA with a clear error (cast to bf16/fp16, or use the CPU kernels).
+// - dtypes: these kernels take bfloat16 and float16 with head dim 64 or 128; float32 and other
+//   head dims go to the ATen composite (csrc/attention_composite.cpp), float64 is refused.
 //
 // This header: the forward kernel, for varlen and paged attention alike, and the merge of
 // split-K partial results. attention/varlen.cu and attention/paged.cu launch it.

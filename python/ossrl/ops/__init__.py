@@ -4,9 +4,9 @@ Each area has one module: ``moe`` (grouped GEMM, routing, the GPT-OSS expert blo
 ``attention`` (packed varlen and paged attention), ``reshard`` (fused multi-tensor copy).
 """
 
-from .moe import Routing, grouped_gemm, moe_experts, moe_route, moe_route_given
+from .moe import MOE_KERNELS, Routing, grouped_gemm, moe_experts, moe_kernels, moe_route, moe_route_given
 from .attention import paged_attention, paged_kv_append, varlen_attention
 from .reshard import multi_tensor_copy_
 
-__all__ = ["Routing", "grouped_gemm", "moe_route", "moe_route_given", "moe_experts", "multi_tensor_copy_",
+__all__ = ["Routing", "grouped_gemm", "moe_kernels", "MOE_KERNELS", "moe_route", "moe_route_given", "moe_experts", "multi_tensor_copy_",
            "varlen_attention", "paged_kv_append", "paged_attention"]

@@ -1,17 +1,52 @@
 """Mixture-of-experts ops: grouped GEMM, top-k routing and the fused GPT-OSS expert block.
 
-Kernels: csrc/cpu/moe.cpp and csrc/cuda/moe_*.cu (grouped GEMM, routing, the expert block; the
-shared tiles and GEMM kernels in moe_tiles.cuh and moe_gemm.cuh); schemas: csrc/ops.cpp.
+Kernels: csrc/cpu/moe.cpp and csrc/cuda/moe/ (one file per kernel family: grouped GEMM, routing,
+the expert block; *_sm90.cu are the CUTLASS sm90 ones, see ``moe_kernels``); schemas: csrc/ops.cpp.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+import os
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
 
 _ops = torch.ops.ossrl
+
+MOE_KERNELS = ("mma", "cutlass")
+
+
+@contextlib.contextmanager
+def moe_kernels(name: str) -> Iterator[None]:
+    """Run the MoE ops' CUDA GEMMs inside the block on one kernel family.
+
+    ``"mma"`` (the default): ossrl's mma.sync kernels, with the gather, bias, SwiGLU and combine
+    fused in. ``"cutlass"``: CUTLASS's sm90 grouped GEMMs (TMA, wgmma) for ``grouped_gemm`` and
+    ``moe_experts`` forward and backward wherever they apply (an sm_90 GPU, bf16/fp16, K and N
+    multiples of 8), ``"mma"`` elsewhere. This sets ``OSSRL_MOE_GEMM``, which the ops read at each
+    call, for the whole process, and restores it on exit. CPU ops are unaffected.
+
+    >>> with moe_kernels("cutlass"):
+    ...     y = moe_experts(x, routing, w_gate_up, b_gate_up, w_down, b_down)
+    """
+    if name not in MOE_KERNELS:
+        raise ValueError(f"moe_kernels: {name!r} is not one of {MOE_KERNELS}")
+    from ossrl import _C
+
+    if name == "cutlass" and not _C.with_sm90_gemm:
+        raise RuntimeError("moe_kernels('cutlass'): this build has no CUTLASS sm90 kernels (they are built when "
+                           "OSSRL_CUDA_ARCHS includes 90a and the nvidia-cutlass headers are found)")
+    old = os.environ.get("OSSRL_MOE_GEMM")
+    os.environ["OSSRL_MOE_GEMM"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OSSRL_MOE_GEMM", None)
+        else:
+            os.environ["OSSRL_MOE_GEMM"] = old
 
 
 class Routing(NamedTuple):
