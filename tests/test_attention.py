@@ -23,7 +23,8 @@ from ossrl.ops import paged_attention, paged_kv_append, varlen_attention
 from _tolerance import assert_within, gamma, unit_roundoff
 
 HAS_CUDA = torch.cuda.is_available() and getattr(ossrl._C, "with_cuda", False)
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build"))
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
+                                   pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build")])
 DEVICES = ["cpu", CUDA]
 
 # Fixed tolerances for the CUDA kernels (bf16, P rounded to bf16 for P V) and for the backward
