@@ -153,8 +153,10 @@ def test_cutlass_grouped_gemm_replays_in_a_cuda_graph_with_new_offsets(monkeypat
     x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(E, K, N, device="cuda", dtype=torch.bfloat16) / K**0.5
     off = _offsets([100, 0, 200, 84])
+    before = _C.sm90_gemm_calls()
     grouped_gemm(x, w, off)  # warm-up outside the capture
     torch.cuda.synchronize()
+    assert _C.sm90_gemm_calls() == before + 1  # on the CUTLASS kernels, not the fallback
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = grouped_gemm(x, w, off)
@@ -200,7 +202,6 @@ def test_build_reports_the_cutlass_kernels():
 
     line = next(s for s in info().splitlines() if s.startswith("CUTLASS sm90 grouped GEMMs:"))
     assert ("built" in line and "not built" not in line) == _C.with_sm90_gemm
-    assert _C.sm90_gemm_calls() >= 0
     # CI builds for sm_90a with the CUTLASS headers (.ci/run sets this): they must be in the wheel.
     if os.environ.get("OSSRL_EXPECT_SM90_GEMM") == "1":
         assert _C.with_cuda and _C.with_sm90_gemm, _C.cuda_archs

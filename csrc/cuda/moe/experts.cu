@@ -7,7 +7,6 @@
 
 namespace ossrl::moe_cuda {
 
-
 // ---------------------------------------------------------------------------------------------
 // The GPT-OSS expert block
 
@@ -287,13 +286,7 @@ moe_experts_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
     g.vec_q = copy_width<S>(g.q, {2 * I});
     g.out = dwgu.data_ptr();
     launch_vark_gemm<S>(g, stream);
-    ColSum c{};
-    c.src = dh.data_ptr();
-    c.ld = 2 * I;
-    c.sched = s.ptr();
-    c.E = static_cast<int>(E);
-    c.N = static_cast<int>(2 * I);
-    launch_colsum<S>(c, s, dbgu, stream);
+    launch_colsum<S>(colsum_of(dh.data_ptr(), 2 * I, 2 * I, s, E), s, dbgu, stream);
 
     // dw_down[e] = sum_r (w_f a_r)^T grad_out[token(r)]; db_down[e] = sum_r w_f grad_out[token(r)].
     VarKGemm d{};
@@ -313,17 +306,12 @@ moe_experts_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
     d.vec_q = copy_width<S>(d.q, {H});
     d.out = dwd.data_ptr();
     launch_vark_gemm<S>(d, stream);
-    ColSum cb{};
-    cb.src = go.data_ptr();
-    cb.ld = H;
+    ColSum cb = colsum_of(go.data_ptr(), H, H, s, E);
     cb.gather = 1;
     cb.order = ordc.data_ptr<int32_t>();
     cb.topk = static_cast<int>(k);
     cb.flat_total = static_cast<int>(R);
     cb.wts = wf.data_ptr<float>();
-    cb.sched = s.ptr();
-    cb.E = static_cast<int>(E);
-    cb.N = static_cast<int>(H);
     launch_colsum<S>(cb, s, dbd, stream);
   });
   dweights.copy_(dw_flat.view(weights.sizes()));

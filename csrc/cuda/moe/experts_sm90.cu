@@ -199,17 +199,12 @@ void moe_experts_backward(const ExpertsSm90& a, const at::Tensor& grad_out, cons
     grouped_gemm_dw(aw, gs, s.ptr(), dwd, stream);
     gs = at::Tensor();
     aw = at::Tensor();
-    ColSum cb{};
-    cb.src = grad_out.data_ptr();
-    cb.ld = H;
+    ColSum cb = colsum_of(grad_out.data_ptr(), H, H, s, E);
     cb.gather = 1;
     cb.order = a.order.data_ptr<int32_t>();
     cb.topk = static_cast<int>(a.topk);
     cb.flat_total = static_cast<int>(R);
     cb.wts = a.wts.data_ptr<float>();
-    cb.sched = s.ptr();
-    cb.E = static_cast<int>(E);
-    cb.N = static_cast<int>(H);
     launch_colsum<S>(cb, s, dbd, stream);
     // dx = the slots' sum of dh[r] @ w_gate_up[e]^T (w_gate_up[e] is (H, 2I): K-major transpose)
     at::Tensor dslots = at::empty({R, H}, a.x.options());
@@ -220,13 +215,7 @@ void moe_experts_backward(const ExpertsSm90& a, const at::Tensor& grad_out, cons
     at::Tensor xs = gather_rows<S>(a.x, a.order, end, a.topk, stream);
     grouped_gemm_dw(xs, dh, s.ptr(), dwgu, stream);
     xs = at::Tensor();
-    ColSum c{};
-    c.src = dh.data_ptr();
-    c.ld = 2 * I;
-    c.sched = s.ptr();
-    c.E = static_cast<int>(E);
-    c.N = static_cast<int>(2 * I);
-    launch_colsum<S>(c, s, dbgu, stream);
+    launch_colsum<S>(colsum_of(dh.data_ptr(), 2 * I, 2 * I, s, E), s, dbgu, stream);
   });
 }
 

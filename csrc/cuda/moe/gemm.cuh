@@ -620,6 +620,18 @@ void launch_vark_gemm(VarKGemm p, cudaStream_t stream) {
 }
 
 // out[e] = sum over expert e's rows of (weight *) src rows; out (E, N) of T.
+// The column sums per expert of a (rows, N) matrix with row stride ld, over the schedule s; the
+// caller sets the gather / weight fields where rows are read through the routing.
+inline ColSum colsum_of(const void* src, int64_t ld, int64_t N, const Sched& s, int64_t E) {
+  ColSum c{};
+  c.src = src;
+  c.ld = ld;
+  c.sched = s.ptr();
+  c.E = static_cast<int>(E);
+  c.N = static_cast<int>(N);
+  return c;
+}
+
 template <typename T>
 void launch_colsum(ColSum p, const Sched& s, at::Tensor& out, cudaStream_t stream) {
   const int64_t E = p.E, N = p.N;

@@ -160,13 +160,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_dw_cuda(const at::Tensor& x, con
       launch_vark_gemm<S>(p, stream);
     }
     if (bias_grad) {
-      ColSum c{};
-      c.src = dyc.data_ptr();
-      c.ld = N;
-      c.sched = s.ptr();
-      c.E = static_cast<int>(E);
-      c.N = static_cast<int>(N);
-      launch_colsum<S>(c, s, db, stream);
+      launch_colsum<S>(colsum_of(dyc.data_ptr(), N, N, s, E), s, db, stream);
     }
   });
   return {dw, db};

@@ -8,5 +8,5 @@ from .moe import MOE_KERNELS, Routing, grouped_gemm, moe_experts, moe_kernels, m
 from .attention import paged_attention, paged_kv_append, varlen_attention
 from .reshard import multi_tensor_copy_
 
-__all__ = ["Routing", "grouped_gemm", "moe_kernels", "MOE_KERNELS", "moe_route", "moe_route_given", "moe_experts", "multi_tensor_copy_",
-           "varlen_attention", "paged_kv_append", "paged_attention"]
+__all__ = ["Routing", "grouped_gemm", "moe_kernels", "MOE_KERNELS", "moe_route", "moe_route_given", "moe_experts",
+           "multi_tensor_copy_", "varlen_attention", "paged_kv_append", "paged_attention"]

@@ -26,10 +26,10 @@ def moe_kernels(name: str) -> Iterator[None]:
     fused in. ``"cutlass"``: CUTLASS's sm90 grouped GEMMs (TMA, wgmma) for ``grouped_gemm`` and
     ``moe_experts`` forward and backward wherever they apply (an sm_90 GPU, bf16/fp16, K and N
     multiples of 8), ``"mma"`` elsewhere. This sets ``OSSRL_MOE_GEMM``, which the ops read at each
-    call, for the whole process, and restores it on exit. CPU ops are unaffected.
+    call, for the whole process, and restores it on exit. CPU ops are unaffected. For example::
 
-    >>> with moe_kernels("cutlass"):
-    ...     y = moe_experts(x, routing, w_gate_up, b_gate_up, w_down, b_down)
+        with moe_kernels("cutlass"):
+            y = moe_experts(x, routing, w_gate_up, b_gate_up, w_down, b_down)
     """
     if name not in MOE_KERNELS:
         raise ValueError(f"moe_kernels: {name!r} is not one of {MOE_KERNELS}")
